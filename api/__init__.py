@@ -1,0 +1,1 @@
+"""HTTP layer: the OpenAI-compatible Flask app and the `pokeserve` command line."""

@@ -1,0 +1,1 @@
+"""pokeserve's serving core."""
