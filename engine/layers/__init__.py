@@ -1,0 +1,1 @@
+"""Building blocks of the handwritten models: norms, rotary embeddings, paged attention."""

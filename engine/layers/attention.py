@@ -1,0 +1,75 @@
+"""Attention over the paged KV cache: the plain-PyTorch reference path.
+
+The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A sequence's tokens live in the blocks its block table lists, in order; token `j` of a
+sequence sits in block `table[j // block_size]`, row `j % block_size`. Each step first
+writes the new tokens' k/v into their slots, then every query attends to all of its
+sequence's cached tokens up to and including its own position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat batch of new tokens splits into sequences.
+
+    Sequences are ordered decodes first (one new token each), then prefill chunks.
+    """
+
+    slot_mapping: torch.Tensor   # [num_tokens] flat cache slot of each new token
+    block_tables: torch.Tensor   # [num_seqs, max_blocks] int, padded with 0
+    context_lens: torch.Tensor   # [num_seqs] tokens in the cache after this step
+    query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
+    num_decodes: int             # the first num_decodes sequences have query_len 1
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    # k, v: [num_tokens, num_kv_heads, head_dim]
+    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
+    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = _attend(q[:nd].unsqueeze(1), k_cache, v_cache, meta.block_tables[:nd],
+                           meta.context_lens[:nd], scale).squeeze(1)
+    start = nd
+    for i in range(nd, len(meta.query_lens)):
+        n = meta.query_lens[i]
+        out[start:start + n] = _attend(q[start:start + n].unsqueeze(0), k_cache, v_cache,
+                                       meta.block_tables[i:i + 1], meta.context_lens[i:i + 1],
+                                       scale).squeeze(0)
+        start += n
+    return out
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sequences that all have the same number of new queries.
+
+    q: [num_seqs, num_queries, num_heads, head_dim]; the queries are the last
+    `num_queries` tokens of each sequence's context.
+    """
+    num_seqs, num_queries = q.shape[:2]
+    # Gather each sequence's blocks: [num_seqs, max_blocks * block_size, num_kv_heads, head_dim]
+    k = k_cache[block_tables].flatten(1, 2)
+    v = v_cache[block_tables].flatten(1, 2)
+    key_pos = torch.arange(k.shape[1], device=q.device)                     # [L]
+    query_pos = (context_lens[:, None] - num_queries
+                 + torch.arange(num_queries, device=q.device))              # [num_seqs, Q]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]                  # [num_seqs, Q, L]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)                                              # [num_seqs, Q, H, D]

@@ -1,0 +1,1 @@
+"""Model families, one file each. Every model takes flat token tensors and a paged KV cache."""

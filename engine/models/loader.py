@@ -1,0 +1,48 @@
+"""Build a model from a Hugging Face safetensors directory (sharded or not)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+
+# Hugging Face keeps these buffers in some checkpoints; we recompute them.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
+               dtype: torch.dtype, progress: bool = True) -> LlamaForCausalLM:
+    # Built on the meta device: no time is spent on a random init that loading overwrites.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.rotary.reset_cache()
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    with torch.no_grad():
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,
+                                    leave=False):
+                    if hf_name.endswith(IGNORED_SUFFIXES) or (
+                            cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                        continue
+                    name, rows = model.param_slice(hf_name)
+                    if name not in params:
+                        raise ValueError(f"{path.name}: unexpected weight {hf_name!r}")
+                    target = params[name] if rows is None else params[name][rows]
+                    target.copy_(f.get_tensor(hf_name))
+                    loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
+    return model.eval()

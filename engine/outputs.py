@@ -1,0 +1,53 @@
+"""What the engine thread hands back to callers, one record per request per step."""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+
+# (token_id, logprob) pairs, most likely first.
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class RequestOutput:
+    """The new part of one request's output since its previous RequestOutput.
+
+    Logprobs are the log-softmax of the raw logits (before penalties, temperature
+    and truncation), so they equal what `compute_logprobs` returns for the same tokens.
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] | None = None     # per new token, when asked
+    text: str = ""                                     # newly released text
+    finished: bool = False
+    finish_reason: str | None = None                   # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None = None               # the stop string or token id that matched
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0                         # prompt tokens served by the prefix cache
+    prompt_logprobs: list[float | None] | None = None  # first record only; entry 0 is None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+
+class RequestStream:
+    """The caller's end of one request: iterate to receive RequestOutputs until finished."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: queue.Queue[RequestOutput] = queue.Queue()
+
+    def put(self, output: RequestOutput) -> None:
+        self._queue.put(output)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        return self._queue.get(timeout=timeout)
+
+    def __iter__(self):
+        while True:
+            out = self._queue.get()
+            yield out
+            if out.finished:
+                return
