@@ -1,0 +1,133 @@
+"""KV-cache block bookkeeping with reference counts and prefix caching. Pure Python.
+
+A full block is keyed by a hash chained over the previous block's hash and its own
+token ids, so equal keys mean equal prefixes. The chain starts from a seed per
+checkpoint: a base-model block never serves a LoRA checkpoint. A hit is confirmed
+against the stored token ids, so a hash collision can only cost a miss.
+
+Freed blocks keep their contents and hash until they are handed out again, oldest
+freed first, so a prefix that was used recently stays reusable as long as possible.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import xxhash
+
+from engine.sequence import Sequence
+
+NO_HASH = -1
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int = NO_HASH
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev_hash: int, token_ids: tuple[int, ...]) -> int:
+    h = xxhash.xxh64(prev_hash.to_bytes(8, "little", signed=True))
+    h.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return h.intdigest() & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def checkpoint_seed(checkpoint: object) -> int:
+    return 0 if checkpoint is None else xxhash.xxh64_intdigest(str(checkpoint).encode()) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks, oldest freed first (an ordered set: cache hits remove from the middle).
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return len(self.blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate_cached_prefix(self, seq: Sequence) -> int:
+        """Give a newly admitted sequence the cached blocks of its longest cached prefix.
+
+        At least one token is left to compute, so the step that finishes the prefill
+        produces the logits to sample from. Returns the number of cached tokens.
+        """
+        assert not seq.block_table
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+            return 0
+        h = checkpoint_seed(seq.checkpoint)
+        tokens = seq.token_ids
+        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
+            chunk = tuple(tokens[start:start + self.block_size])
+            h = chain_hash(h, chunk)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
+                break
+            self._take(block_id)
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        total = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        return total - len(seq.block_table) <= len(self.free)
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grow the block table to hold `num_new_tokens` more tokens (check can_append first)."""
+        total = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        while len(seq.block_table) < total:
+            block_id = next(iter(self.free))
+            self._evict(block_id)
+            self._take(block_id)
+            seq.block_table.append(block_id)
+
+    def cache_full_blocks(self, seq: Sequence, old_num_computed: int) -> None:
+        """Register the blocks that the last step filled, so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first, end = old_num_computed // bs, seq.num_computed_tokens // bs
+        if first >= end:
+            return
+        h = self.blocks[seq.block_table[first - 1]].hash if first else checkpoint_seed(seq.checkpoint)
+        tokens = seq.token_ids
+        for i in range(first, end):
+            block = self.blocks[seq.block_table[i]]
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = chain_hash(h, chunk)
+            block.hash, block.token_ids = h, chunk
+            self.hash_to_block.setdefault(h, block.block_id)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        # Tail blocks first, so that the prefix's blocks are the last to be reused.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _evict(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.hash != NO_HASH and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = NO_HASH, ()

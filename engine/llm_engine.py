@@ -1,0 +1,190 @@
+"""The engine: one background thread owns the model; callers only enqueue and read streams.
+
+    caller threads ── add_request / abort ──> inbox ──> engine thread
+                                                         │ scheduler.schedule()
+                                                         │ runner.execute()  (model + sampler)
+                                                         │ output_processor.process()
+    caller threads <── RequestStream (one per request) <─┘
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.default_model import fetch_default_model
+from engine.model_runner import ModelRunner, kv_cache_block_bytes
+from engine.models.loader import load_model
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput, RequestStream
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class Engine:
+    def __init__(self, model: str | Path | None = None, *, progress: bool = True, **options) -> None:
+        """`model`: a Hugging Face model directory; None serves the embedded default model.
+        `options` are the fields of EngineConfig (device, dtype, block_size, ...)."""
+        self.config = ecfg = EngineConfig(**options)
+        self.model_dir = Path(model) if model else fetch_default_model()
+        self.model_name = self.model_dir.name
+        self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        model = load_model(self.model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
+        num_blocks = ecfg.num_kv_blocks or max(
+            1, ecfg.kv_cache_memory // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
+        # A lone sequence of max_model_len tokens always fits in the cache, so preemption
+        # always makes progress.
+        self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings, num_blocks * ecfg.block_size)
+        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
+        self._inbox: queue.Queue = queue.Queue()
+        self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
+        self._arrivals = 0
+        self._thread = threading.Thread(target=self._loop, name="pokeserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) -------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    checkpoint: str | None = None, request_id: str | None = None,
+                    sample_index: int = 0) -> RequestStream:
+        """Queue a request; raises ValueError at once for a bad prompt or parameters."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine is not running")
+        self._validate(prompt_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        seed = (random.getrandbits(63) if params.seed is None else
+                xxhash.xxh64_intdigest(f"{params.seed}:{sample_index}") & (2**63 - 1))
+        seq = Sequence(request_id, list(prompt_ids), params, seed,
+                       checkpoint=self._resolve_checkpoint(checkpoint))
+        stream = RequestStream(request_id)
+        self._inbox.put(("add", seq, stream))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.block_manager.num_free_blocks, self.block_manager.num_total_blocks)
+
+    def sampling_client(self, checkpoint: str | None = None):
+        from engine.client import SamplingClient
+
+        return SamplingClient(self, checkpoint)
+
+    def shutdown(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(("stop",))
+            self._thread.join()
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        wanted = len(prompt_ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {wanted} tokens ({len(prompt_ids)} in the prompt, "
+                f"{params.max_tokens or 1} for the completion). Please reduce the prompt or "
+                f"max_tokens.")
+
+    def _resolve_checkpoint(self, checkpoint: str | None) -> Path | None:
+        if checkpoint in (None, self.model_name, str(self.model_dir)):
+            return None
+        raise ValueError(f"The model `{checkpoint}` does not exist.")
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work()):
+                break
+            batch = self.scheduler.schedule()
+            if batch is not None:
+                self._step(batch)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                msg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if msg[0] == "stop":
+                self._abort_all()
+                return False
+            if msg[0] == "add":
+                _, seq, stream = msg
+                self._arrivals += 1
+                seq.arrival = self._arrivals
+                self.output_processor.start(seq)
+                self._requests[seq.request_id] = (seq, stream)
+                self.scheduler.add(seq)
+            elif msg[0] == "abort" and msg[1] in self._requests:
+                self._end(self._requests[msg[1]][0],
+                          RequestOutput(msg[1], finished=True, finish_reason="abort"))
+
+    def _step(self, batch: ScheduledBatch) -> None:
+        try:
+            results = self.runner.execute(batch)
+        except Exception as exc:  # a bug or a bad request: fail this batch, keep serving
+            for seq in batch.seqs:
+                self._fail(seq, exc)
+            return
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq, before)
+            try:
+                out = self.output_processor.process(seq, results[seq])
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            if out is not None and out.finished:
+                self._end(seq, out)
+            elif out is not None:
+                self._requests[seq.request_id][1].put(out)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self._end(seq, RequestOutput(seq.request_id, finished=True, finish_reason="error",
+                                     error=f"{type(exc).__name__}: {exc}"))
+
+    def _end(self, seq: Sequence, out: RequestOutput) -> None:
+        self.scheduler.finish(seq)
+        _, stream = self._requests.pop(seq.request_id)
+        stream.put(out)
+
+    def _abort_all(self) -> None:
+        for request_id, (seq, _) in list(self._requests.items()):
+            self._end(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))

@@ -1,0 +1,109 @@
+"""Runs one scheduled batch: flat tensors in, one sampled token per finished prefill/decode out.
+
+The batch is laid out as the attention layer expects: decodes (one new token) first,
+then prefill chunks. Logits are computed only for the rows that need them: the last
+token of each sequence that is due to sample, and prompt positions whose logprobs
+were asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.layers.attention import AttentionMetadata
+from engine.models.llama import LlamaForCausalLM
+from engine.outputs import TopLogprobs
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+
+@dataclass
+class SeqStepResult:
+    token_id: int | None = None                 # None: a prefill chunk that does not sample yet
+    logprob: float = 0.0
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: list[float] = field(default_factory=list)          # this chunk's positions
+    prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
+
+
+def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.kv_size * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, ecfg: EngineConfig,
+                 num_blocks: int) -> None:
+        self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
+        self.device = torch.device(ecfg.device)
+        shape = (num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=ecfg.dtype, device=self.device),
+                           torch.zeros(shape, dtype=ecfg.dtype, device=self.device))
+                          for _ in range(cfg.num_layers)]
+        self.sampler = Sampler(ecfg.sampler_backend, self.device, cfg.eos_token_ids)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> dict[Sequence, SeqStepResult]:
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        input_ids, positions, meta = self._prepare(seqs, counts)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        results = {seq: SeqStepResult() for seq in seqs}
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        self._prompt_logprobs(hidden, seqs, counts, starts, results)
+        self._sample(hidden, seqs, counts, starts, results)
+        return results
+
+    def _prepare(self, seqs: list[Sequence], counts: list[int]):
+        input_ids, positions, slots = [], [], []
+        for seq, n in zip(seqs, counts):
+            start = seq.num_computed_tokens
+            tokens = seq.token_ids
+            for pos in range(start, start + n):
+                input_ids.append(tokens[pos])
+                positions.append(pos)
+                slots.append(seq.block_table[pos // self.block_size] * self.block_size
+                             + pos % self.block_size)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
+            context_lens=as_tensor([s.num_computed_tokens + n for s, n in zip(seqs, counts)]),
+            query_lens=counts, num_decodes=sum(1 for n in counts if n == 1))
+        return as_tensor(input_ids), as_tensor(positions), meta
+
+    def _sample(self, hidden, seqs, counts, starts, results) -> None:
+        due = [i for i, (s, n) in enumerate(zip(seqs, counts))
+               if s.num_computed_tokens + n == s.num_tokens]
+        if not due:
+            return
+        rows = torch.tensor([starts[i + 1] - 1 for i in due], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])     # [num_due, vocab] float32
+        out = self.sampler(logits, [seqs[i] for i in due])
+        for j, i in enumerate(due):
+            r = results[seqs[i]]
+            r.token_id, r.logprob, r.top_logprobs = out.token_ids[j], out.logprobs[j], out.top_logprobs[j]
+
+    def _prompt_logprobs(self, hidden, seqs, counts, starts, results) -> None:
+        """Logprob of each prompt token given its prefix, for the prompt tokens that this
+        chunk's logits predict (position p's logits predict token p + 1)."""
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
+            if not seq.wants_prompt_logprobs:
+                continue
+            first = seq.num_computed_tokens
+            last = min(first + n, seq.num_prompt_tokens - 1)    # positions predicting a prompt token
+            if last <= first:
+                continue
+            rows = torch.arange(starts[i], starts[i] + last - first, device=self.device)
+            targets = torch.tensor(seq.prompt_ids[first + 1:last + 1], device=self.device)
+            out = self.sampler.logprobs(self.model.compute_logits(hidden[rows]), targets,
+                                        [seq.params.prompt_logprobs] * len(targets))
+            r = results[seq]
+            r.prompt_logprobs, r.prompt_top_logprobs = out.logprobs, out.top_logprobs

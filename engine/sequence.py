@@ -1,0 +1,59 @@
+"""One sequence being generated: its tokens, its place in the KV cache, its sampling state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # not in the cache (new, or preempted and to be recomputed)
+    RUNNING = "running"      # holds KV blocks
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int                            # this sequence's own random stream
+    checkpoint: Path | None = None       # None: the base model
+    arrival: int = 0                     # admission order; lower = older = higher priority
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0         # tokens whose k/v are in the cache
+    num_cached_tokens: int = 0           # prompt tokens the prefix cache served (first admission)
+    prompt_logprobs_done: bool = False   # prompt logprobs are computed once, not on recompute
+    text_state: Any = None               # detokenizer + stop checker, owned by the output processor
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_done
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone; prompt + output so far will be prefilled again."""
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.num_computed_tokens = 0
