@@ -1,0 +1,46 @@
+"""Builders shared by the kernel tests: per-row sampling parameters and test logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def row_params(batch: int, device: torch.device | str = "cpu", *, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> dict[str, torch.Tensor]:
+    """The truncation parameters of `batch` identical rows, as the sampling ops take them."""
+    def full(value, dtype):
+        return torch.full((batch,), value, dtype=dtype, device=device)
+
+    return {"temperature": full(temperature, torch.float32), "top_k": full(top_k, torch.int32),
+            "top_p": full(top_p, torch.float32), "min_p": full(min_p, torch.float32)}
+
+
+def log_probs_row(probs: list[float]) -> torch.Tensor:
+    """[1, V] logits whose softmax is `probs` (at temperature 1)."""
+    return torch.tensor([[math.log(p) for p in probs]], dtype=torch.float32)
+
+
+def mixed_params(batch: int, vocab: int, device: torch.device | str,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random per-row parameters covering greedy rows, each truncation alone and combined."""
+    temperature = torch.rand(batch, generator=gen) * 1.5 + 0.3
+    temperature[::5] = 0.0                                          # some greedy rows
+    top_k = torch.randint(-1, vocab + 3, (batch,), generator=gen, dtype=torch.int32)
+    top_k[1::3] = 0                                                  # top-k off
+    top_p = torch.rand(batch, generator=gen) * 0.9 + 0.1
+    top_p[2::4] = 1.0                                                # top-p off
+    min_p = torch.rand(batch, generator=gen) * 0.3
+    min_p[::2] = 0.0                                                 # min-p off
+    params = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    return {name: t.to(device) for name, t in params.items()}
+
+
+def random_logits(batch: int, vocab: int, device: torch.device | str, gen: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, V] logits with a realistic spread, some exact ties and some -inf (banned) tokens."""
+    logits = torch.randn(batch, vocab, generator=gen) * 3.0
+    logits[:, 1::7] = logits[:, 0:1]                                 # ties with token 0
+    logits[:, 3::11] = -torch.inf
+    return logits.to(device=device, dtype=dtype)
