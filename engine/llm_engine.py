@@ -38,6 +38,8 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    num_preemptions: int            # since start
+    num_prefix_cached_tokens: int   # since start
 
 
 class Engine:
@@ -88,8 +90,9 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.block_manager.num_free_blocks, self.block_manager.num_total_blocks)
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(len(s.running), len(s.waiting), bm.num_free_blocks, bm.num_total_blocks,
+                           s.num_preemptions, s.num_prefix_cached_tokens)
 
     def sampling_client(self, checkpoint: str | None = None):
         from engine.client import SamplingClient

@@ -46,6 +46,8 @@ class Scheduler:
         self.step_count = 0
         self.last_served: dict[Path | None, int] = {}
         self.preempted_this_step = False
+        self.num_preemptions = 0                # since start, for stats and tests
+        self.num_prefix_cached_tokens = 0       # since start: prompt tokens served from the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -87,7 +89,9 @@ class Scheduler:
             if seq.checkpoint != self.checkpoint:
                 skipped.append(seq)
                 continue
-            seq.num_cached_tokens = max(seq.num_cached_tokens, self.bm.allocate_cached_prefix(seq))
+            cached = self.bm.allocate_cached_prefix(seq)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
+            self.num_prefix_cached_tokens += cached
             n = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room_to_admit(seq, n, nothing_scheduled=not seqs):
                 self.bm.free_blocks(seq)
@@ -123,6 +127,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.preempted_this_step = True
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.bm.free_blocks(seq)
         seq.reset_for_recompute()

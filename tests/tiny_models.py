@@ -1,0 +1,68 @@
+"""Tiny random models of each supported family, saved as Hugging Face directories.
+
+Each directory also gets a small byte-level BPE tokenizer trained on the spot, so the
+engine can load it like a real model without anything from a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384   # the tokenizer's target; the models take its actual size
+EOS_ID = 0
+_CORPUS = ["the quick brown fox jumps over the lazy dog", "pokeserve serves checkpoints",
+           "paged attention reads blocks of keys and values", "hello world 0123456789"] * 20
+
+
+def _common(**extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID, **extra)
+
+
+def family_configs() -> dict:
+    """name -> transformers config, one per behaviour the engine must match."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama-gqa-untied": LlamaConfig(**_common(tie_word_embeddings=False)),
+        "llama3-rope-scaling": LlamaConfig(**_common(
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32})),
+        "qwen2-qkv-bias": Qwen2Config(**_common(tie_word_embeddings=False)),
+        "qwen3-qk-norm-tied": Qwen3Config(**_common(head_dim=32, tie_word_embeddings=True)),
+    }
+
+
+def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # make the random model less flat, so greedy choices are clear-cut
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+def save_tiny_tokenizer(path: Path) -> int:
+    """Train and save the tokenizer; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>",
+                            pad_token="<eos>").save_pretrained(path)
+    return tok.get_vocab_size()
