@@ -79,7 +79,7 @@ class Engine:
         self._validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         seed = (random.getrandbits(63) if params.seed is None else
-                xxhash.xxh64_intdigest(f"{params.seed}:{sample_index}") & (2**63 - 1))
+                xxhash.xxh64_intdigest(f"{params.seed}:{sample_index}".encode()) & (2**63 - 1))
         seq = Sequence(request_id, list(prompt_ids), params, seed,
                        checkpoint=self._resolve_checkpoint(checkpoint))
         stream = RequestStream(request_id)
