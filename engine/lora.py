@@ -1,0 +1,185 @@
+"""LoRA adapters: read them, check them against the base model, compute merged weights.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
+(PEFT's layout). Each adapted module has two factors, `lora_A` [r, in] and `lora_B`
+[out, r]; serving it means `W + scale * (B @ A)`, with `scale = alpha / r` (or
+`alpha / sqrt(r)` under rsLoRA) and `r`, `alpha` overridable per module by
+`rank_pattern` / `alpha_pattern`.
+
+Accepted tensor names, `<m>` being a module of the Hugging Face model:
+- PEFT: `base_model.model.<m>.lora_A.weight`; the input embedding as
+  `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
+- the training service: the output head as `model.unembed_tokens` (means `lm_head`)
+  and the input embedding with plain `lora_A.weight` / `lora_B.weight`.
+For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
+delta is `(B @ A).T`. MoE expert tensors (`experts.w1/w2/w3`) are refused: the engine
+serves dense models only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.checkpoint_errors import CheckpointInvalid
+from engine.config import ModelConfig
+from engine.lora_config import LAYER_MODULES, MOE_MODULES, AdapterConfig
+
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+LM_HEAD, EMBEDDING = "lm_head", "model.embed_tokens"
+# Module names the training service uses for what Hugging Face calls otherwise.
+MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
+_LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<leaf>\w+)$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module of the served model, with float32 factors."""
+
+    module: str           # Hugging Face name in the served model: `model.layers.0.mlp.up_proj`, `lm_head`
+    scale: float
+    lora_a: torch.Tensor  # [r, in]; for the input embedding [r, vocab]
+    lora_b: torch.Tensor  # [out, r]; for the input embedding [hidden, r]
+
+    def merged(self, base: torch.Tensor) -> torch.Tensor:
+        """`base + scale * delta` in float32, for the module's weight `base` [out, in]
+        (the embedding's is [vocab, hidden], hence its transposed delta)."""
+        if self.module == EMBEDDING:
+            return torch.addmm(base.float(), self.lora_a.T, self.lora_b.T, alpha=self.scale)
+        return torch.addmm(base.float(), self.lora_b, self.lora_a, alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    config: AdapterConfig
+    modules: list[LoraModule]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.modules)
+
+
+def inspect_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False) -> AdapterConfig:
+    """Check an adapter against the base model from its config and tensor headers only
+    (cheap: no tensor is read). Raises CheckpointInvalid naming the problem."""
+    config = AdapterConfig.from_dir(adapter_dir)
+    with _open_weights(adapter_dir, allow_pickle) as tensors:
+        _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg)
+    return config
+
+
+def load_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False,
+                 device: str | torch.device = "cpu") -> LoraAdapter:
+    """Read and check an adapter; factors come back in float32 on `device`."""
+    config = AdapterConfig.from_dir(adapter_dir)
+    with _open_weights(adapter_dir, allow_pickle) as tensors:
+        plan = _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg)
+        modules = [LoraModule(module, scale,
+                              tensors.get(a_key).to(device, torch.float32),
+                              tensors.get(b_key).to(device, torch.float32))
+                   for module, (a_key, b_key, scale) in plan.items()]
+    return LoraAdapter(config, modules)
+
+
+def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
+          cfg: ModelConfig) -> dict[str, tuple[str, str, float]]:
+    """Served module name -> (A key, B key, scale), after checking every tensor's name and shape."""
+    factors: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        match = _KEY.match(key)
+        if not match:
+            raise CheckpointInvalid(f"unexpected tensor {key!r} (only LoRA factors lora_A/lora_B are "
+                                    "supported; save PEFT adapters with save_embedding_layers=False)")
+        factors.setdefault(match["module"], {})[match["ab"]] = key
+    if not factors:
+        raise CheckpointInvalid("the adapter holds no LoRA tensors")
+    plan = {}
+    for name, keys in factors.items():
+        module = _served_module(name, cfg)
+        if set(keys) != {"A", "B"}:
+            raise CheckpointInvalid(f"{name}: lora_{'B' if 'A' in keys else 'A'} is missing")
+        if module in plan:
+            raise CheckpointInvalid(f"{name}: {module} is adapted twice")
+        a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
+        out_dim, in_dim = _module_dims(module, cfg)
+        rank = a_shape[0] if a_shape else 0
+        if a_shape != (rank, in_dim) or b_shape != (out_dim, rank) or rank == 0:
+            raise CheckpointInvalid(
+                f"{name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit this base model "
+                f"(expected [r, {in_dim}] / [{out_dim}, r])")
+        plan[module] = (keys["A"], keys["B"], config.scale(name, rank))
+    return plan
+
+
+def _served_module(name: str, cfg: ModelConfig) -> str:
+    """The served model's module for an adapter's module name; refuses what we cannot merge."""
+    leaf = name.rsplit(".", 1)[-1]
+    if ".experts." in name or leaf in MOE_MODULES:
+        raise CheckpointInvalid(f"{name}: MoE expert adapters are not supported "
+                                "(this engine serves dense models only)")
+    name = MODULE_ALIASES.get(name, name)
+    if name in (LM_HEAD, EMBEDDING):
+        return name
+    match = _LAYER.match(name)
+    if not match or LAYER_MODULES.get(match["leaf"]) != match["parent"]:
+        raise CheckpointInvalid(f"{name}: unknown target module for a {cfg.model_type} model")
+    if int(match["layer"]) >= cfg.num_layers:
+        raise CheckpointInvalid(f"{name}: layer {match['layer']} does not exist "
+                                f"(the base model has {cfg.num_layers} layers)")
+    return name
+
+
+def _module_dims(module: str, cfg: ModelConfig) -> tuple[int, int]:
+    """(out, in) of a served module's LoRA delta; the embedding's `in` is the vocabulary."""
+    if module == LM_HEAD:
+        return cfg.vocab_size, cfg.hidden_size
+    if module == EMBEDDING:
+        return cfg.hidden_size, cfg.vocab_size
+    mlp = cfg.intermediate_size
+    return {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
+            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
+            "gate_proj": (mlp, cfg.hidden_size), "up_proj": (mlp, cfg.hidden_size),
+            "down_proj": (cfg.hidden_size, mlp)}[module.rsplit(".", 1)[-1]]
+
+
+@dataclass(frozen=True)
+class _TensorFile:
+    """Uniform read access to the adapter's weights file, whatever its format."""
+
+    keys: Callable[[], list[str]]
+    shape: Callable[[str], tuple[int, ...]]
+    get: Callable[[str], torch.Tensor]
+
+
+@contextmanager
+def _open_weights(adapter_dir: Path, allow_pickle: bool) -> Iterator[_TensorFile]:
+    path = adapter_dir / SAFETENSORS_FILE
+    if path.is_file():
+        try:
+            with safe_open(path, framework="pt") as f:
+                yield _TensorFile(f.keys, lambda key: tuple(f.get_slice(key).get_shape()), f.get_tensor)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointInvalid(f"{SAFETENSORS_FILE} is corrupt: {e}") from None
+        return
+    path = adapter_dir / PICKLE_FILE
+    if not path.is_file():
+        raise CheckpointInvalid(f"{SAFETENSORS_FILE} is missing")
+    if not allow_pickle:
+        raise CheckpointInvalid(f"only a pickled {PICKLE_FILE} is present, and pickle files are refused "
+                                f"(they can run code); convert it to {SAFETENSORS_FILE}")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a corrupt or hostile file
+        raise CheckpointInvalid(f"{PICKLE_FILE} is corrupt: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointInvalid(f"{PICKLE_FILE} does not hold a dict of tensors")
+    yield _TensorFile(lambda: list(tensors), lambda key: tuple(tensors[key].shape), tensors.__getitem__)

@@ -1,0 +1,152 @@
+"""Serve one LoRA checkpoint at a time by merging it into the live model's weights.
+
+`activate(dir)` makes every weight equal `base + delta(dir)` (`None`: the base
+model). Merging costs one small matmul per adapted module, and the model then runs at
+full speed with no per-token LoRA work; the scheduler batches requests of the same
+checkpoint so that switches are rare.
+
+Switching never drifts the base: the first time a weight is modified, an exact copy
+of it is kept, and every later merge or restore starts from that copy, so A -> B -> A
+gives bit-identical weights. On a model with tied embeddings an adapter on `lm_head`
+or on the input embedding unties them for as long as it is active (PEFT applies each
+delta to its own module only), and the base re-ties them.
+
+Only the engine thread may call `activate`: it rewrites weights the model is using.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.lora import PICKLE_FILE, SAFETENSORS_FILE, LoraAdapter, LoraModule, load_adapter
+from engine.models.llama import LlamaForCausalLM
+
+LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
+# (resolved directory, inode, mtime_ns, size of its weights file): a rewritten checkpoint is a new one.
+AdapterKey = tuple[Path, int, int, int]
+
+
+class AdapterCache:
+    """Loaded adapters, least recently used evicted first, bounded by their tensors' bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[AdapterKey, LoraAdapter] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: AdapterKey) -> LoraAdapter | None:
+        adapter = self._entries.get(key)
+        if adapter is not None:
+            self._entries.move_to_end(key)
+        return adapter
+
+    def put(self, key: AdapterKey, adapter: LoraAdapter) -> None:
+        if key in self._entries or adapter.nbytes > self.max_bytes:
+            return
+        self._entries[key] = adapter
+        self.nbytes += adapter.nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+class LoraManager:
+    def __init__(self, model: LlamaForCausalLM, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
+                 backup_device: str | torch.device | None = None) -> None:
+        """`cache_bytes` bounds the cached adapter factors (float32 on the model's device);
+        `backup_device` holds the exact base copies (default: the model's device)."""
+        self.model = model
+        self.cache = AdapterCache(cache_bytes)
+        self.allow_pickle = allow_pickle
+        self._device = model.embed_tokens.weight.device
+        self._backup_device = torch.device(backup_device) if backup_device else self._device
+        self._tied = model.cfg.tie_word_embeddings
+        self._base: dict[str, torch.Tensor] = {}   # exact copy of every base weight ever modified
+        self._modified: set[str] = set()           # parameters that now hold base + delta
+        self._active: AdapterKey | None = None
+
+    @property
+    def active(self) -> Path | None:
+        """The directory of the adapter merged now (None: the base model)."""
+        return None if self._active is None else self._active[0]
+
+    @torch.no_grad()
+    def activate(self, checkpoint_dir: Path | None) -> None:
+        """Make the model serve `checkpoint_dir`'s adapter (None: the base model).
+
+        Raises CheckpointInvalid if the adapter cannot be read; the model is then unchanged.
+        """
+        key = None if checkpoint_dir is None else _adapter_key(Path(checkpoint_dir))
+        if key == self._active:
+            return
+        targets = self._targets(None if key is None else self._load(key))
+        for name in self._modified - targets.keys():
+            self._restore(name)
+        if LM_HEAD in targets and self.model.lm_head.weight is self.model.embed_tokens.weight:
+            # Untie: the head gets its own copy of the (still base) embedding.
+            self.model.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.clone(),
+                                                     requires_grad=False)
+        for name, parts in targets.items():
+            self._merge(name, parts)
+        self._modified = set(targets)
+        self._active = key
+
+    def _load(self, key: AdapterKey) -> LoraAdapter:
+        adapter = self.cache.get(key)
+        if adapter is None:
+            adapter = load_adapter(key[0], self.model.cfg, self.allow_pickle, self._device)
+            self.cache.put(key, adapter)
+        return adapter
+
+    def _targets(self, adapter: LoraAdapter | None) -> dict[str, list[tuple[LoraModule, slice]]]:
+        """Our parameter name -> the adapter modules merged into it, with their rows."""
+        targets: dict[str, list[tuple[LoraModule, slice]]] = {}
+        for module in adapter.modules if adapter else []:
+            name, rows = self.model.param_slice(module.module + ".weight")
+            targets.setdefault(name, []).append((module, rows or slice(None)))
+        if self._tied and (LM_HEAD in targets or EMBED in targets):
+            # Untied, both halves are served: one of them may just hold the base.
+            targets.setdefault(LM_HEAD, [])
+            targets.setdefault(EMBED, [])
+        return targets
+
+    def _merge(self, name: str, parts: list[tuple[LoraModule, slice]]) -> None:
+        param, base = self.model.get_parameter(name), self._base_copy(name)
+        if name in self._modified:
+            param.copy_(base)
+        for module, rows in parts:
+            # [rows, in]: computed in float32 from the exact base, cast once.
+            param[rows] = module.merged(base[rows].to(self._device)).to(param.dtype)
+
+    def _restore(self, name: str) -> None:
+        if self._tied and name == LM_HEAD:
+            self.model.tie_weights()   # the embedding itself is restored as its own target
+        else:
+            self.model.get_parameter(name).copy_(self._base[name])
+
+    def _base_copy(self, name: str) -> torch.Tensor:
+        # A weight is copied before it is first modified, so the live weight is still base.
+        # A tied head's base is the embedding's.
+        source = EMBED if self._tied and name == LM_HEAD else name
+        if source not in self._base:
+            weight = self.model.get_parameter(source).detach()
+            self._base[source] = weight.to(self._backup_device, copy=True)
+        return self._base[source]
+
+
+def _adapter_key(checkpoint_dir: Path) -> AdapterKey:
+    path = checkpoint_dir.resolve()
+    for name in (SAFETENSORS_FILE, PICKLE_FILE):
+        try:
+            stat = (path / name).stat()
+        except FileNotFoundError:
+            continue
+        return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return path, 0, 0, 0   # nothing to read: load_adapter says what is missing

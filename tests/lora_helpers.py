@@ -1,0 +1,116 @@
+"""LoRA test helpers: PEFT adapters as the oracle, and one-sequence forwards to compare.
+
+PEFT makes and saves the adapters (random non-zero factors) and, reloading them from
+disk over a transformers model, gives the reference logprobs; our side loads the same
+directory into the engine's model through LoraManager.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.config import ModelConfig
+from engine.layers.attention import AttentionMetadata
+from engine.models.llama import LlamaForCausalLM
+from engine.models.loader import load_model
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LogprobsFn = Callable[[list[int]], torch.Tensor]   # token ids -> logprobs [len, vocab]
+
+
+def save_peft_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, lora_alpha: float = 16,
+                      targets: list[str] = ALL_LINEAR, seed: int = 0, std: float = 0.05,
+                      **lora_options) -> Path:
+    """A PEFT LoRA over the model in `model_dir` with random non-zero A and B, saved as a
+    complete checkpoint (`lora_options`: use_rslora, rank_pattern, alpha_pattern...)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, init_lora_weights=False,
+                        **lora_options)
+    peft_model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    (out_dir / "checkpoint_complete").touch()
+    return out_dir
+
+
+def peft_logprobs_fn(model_dir: Path, adapter_dir: Path | None) -> LogprobsFn:
+    """transformers + PEFT (unmerged, as PEFT reads the adapter from disk)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+
+    @torch.no_grad()
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return logprobs
+
+
+def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
+    return load_model(model_dir, ModelConfig.from_dir(model_dir), "cpu", torch.float32, progress=False)
+
+
+def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> LogprobsFn:
+    """Our model on one sequence prefilled at once into fresh zero KV caches."""
+    cfg = model.cfg
+    dtype = model.embed_tokens.weight.dtype
+
+    @torch.inference_mode()
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        n = len(ids)
+        num_blocks = -(-n // block_size)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                  for _ in range(cfg.num_layers)]
+        meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
+                                 context_lens=torch.tensor([n]), query_lens=[n], num_decodes=0)
+        hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
+        return torch.log_softmax(model.compute_logits(hidden), dim=-1)
+    return logprobs
+
+
+def greedy(logprobs: LogprobsFn, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy continuation, recomputing the whole sequence each step (tiny inputs only)."""
+    ids = list(prompt)
+    for _ in range(num_tokens):
+        ids.append(int(logprobs(ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
+                  complete: bool = True) -> Path:
+    """An adapter written by hand (for layouts and damage PEFT would not produce)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "adapter_model.safetensors")
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    if complete:
+        (out_dir / "checkpoint_complete").touch()
+    return out_dir
+
+
+def to_training_service_layout(peft_dir: Path, out_dir: Path) -> Path:
+    """The same adapter as the training service names it: the head is `model.unembed_tokens`,
+    the input embedding's factors are plain `lora_A.weight` / `lora_B.weight`."""
+    renamed = {}
+    for key, tensor in load_file(peft_dir / "adapter_model.safetensors").items():
+        key = key.replace("base_model.model.lm_head.", "base_model.model.model.unembed_tokens.")
+        key = key.replace(".lora_embedding_A", ".lora_A.weight").replace(".lora_embedding_B", ".lora_B.weight")
+        renamed[key] = tensor
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    config["target_modules"] = ["unembed_tokens" if t == "lm_head" else t for t in config["target_modules"]]
+    return write_adapter(out_dir, renamed, config)

@@ -1,0 +1,124 @@
+"""Switching the live model between checkpoints: exact restores, tied embeddings, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.lora_manager as lora_manager
+from engine.checkpoint_errors import CheckpointInvalid
+from engine.lora_manager import AdapterCache, LoraManager
+from tests.lora_helpers import ALL_LINEAR, engine_logprobs_fn, load_engine_model, save_peft_adapter
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+TIED = "llama3-rope-scaling"
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    """Every weight the model computes with, the head included even when tied."""
+    return {**{k: v.clone() for k, v in model.named_parameters()}, "lm_head": model.lm_head.weight.clone()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def tied_setup(tiny_model_dirs, tmp_path):
+    model_dir = tiny_model_dirs[TIED]
+    a = save_peft_adapter(model_dir, tmp_path / "a", targets=[*ALL_LINEAR, "lm_head"], seed=1)
+    b = save_peft_adapter(model_dir, tmp_path / "b", r=2, targets=["q_proj", "embed_tokens"], seed=2)
+    return load_engine_model(model_dir), a, b
+
+
+def test_switching_a_b_a_then_base_is_bit_exact(tied_setup):
+    model, a, b = tied_setup
+    manager, forward = LoraManager(model), engine_logprobs_fn(model)
+    base_weights, base_out = weights(model), forward(PROMPT)
+    manager.activate(a)
+    a_weights, a_out = weights(model), forward(PROMPT)
+    manager.activate(b)
+    assert not torch.equal(forward(PROMPT), a_out)
+    manager.activate(a)
+    assert_bit_identical(weights(model), a_weights)
+    assert torch.equal(forward(PROMPT), a_out)
+    manager.activate(None)
+    assert_bit_identical(weights(model), base_weights)
+    assert torch.equal(forward(PROMPT), base_out)
+    assert model.lm_head.weight is model.embed_tokens.weight   # tied again
+
+
+def test_head_adapter_on_tied_model_leaves_the_input_embedding_alone(tied_setup, tmp_path, tiny_model_dirs):
+    model, _, _ = tied_setup
+    head_only = save_peft_adapter(tiny_model_dirs[TIED], tmp_path / "head", targets=["lm_head"])
+    base_embedding = model.embed_tokens.weight.clone()
+    LoraManager(model).activate(head_only)
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, base_embedding)
+    assert not torch.equal(model.lm_head.weight, base_embedding)
+
+
+def test_embedding_adapter_on_tied_model_leaves_the_head_alone(tied_setup):
+    model, _, b = tied_setup   # b adapts embed_tokens
+    base_embedding = model.embed_tokens.weight.clone()
+    LoraManager(model).activate(b)
+    assert torch.equal(model.lm_head.weight, base_embedding)
+    assert not torch.equal(model.embed_tokens.weight, base_embedding)
+
+
+def test_switching_back_reuses_the_cached_adapter(tied_setup, monkeypatch):
+    model, a, b = tied_setup
+    loads = []
+    real_load = lora_manager.load_adapter
+    monkeypatch.setattr(lora_manager, "load_adapter", lambda path, *args: loads.append(path) or real_load(path, *args))
+    manager = LoraManager(model)
+    for checkpoint in (a, b, a, None, b):
+        manager.activate(checkpoint)
+    assert loads == [a.resolve(), b.resolve()]
+
+
+def test_a_rewritten_checkpoint_is_read_again(tied_setup, tiny_model_dirs):
+    model, a, _ = tied_setup
+    manager, forward = LoraManager(model), engine_logprobs_fn(model)
+    manager.activate(a)
+    first = forward(PROMPT)
+    save_peft_adapter(tiny_model_dirs[TIED], a, targets=[*ALL_LINEAR, "lm_head"], seed=7)
+    manager.activate(a)
+    assert not torch.equal(forward(PROMPT), first)
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_model_as_it_was(tied_setup):
+    model, a, b = tied_setup
+    manager = LoraManager(model)
+    manager.activate(a)
+    a_weights = weights(model)
+    broken = b / "adapter_model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:50])
+    with pytest.raises(CheckpointInvalid, match="corrupt"):
+        manager.activate(b)
+    assert_bit_identical(weights(model), a_weights)
+    assert manager.active == a.resolve()
+
+
+class FakeAdapter:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def test_cache_evicts_the_least_recently_used_adapter_to_stay_within_its_bytes():
+    cache = AdapterCache(max_bytes=250)
+    cache.put("a", FakeAdapter(100))
+    cache.put("b", FakeAdapter(100))
+    assert cache.get("a") is not None           # a is now more recent than b
+    cache.put("c", FakeAdapter(100))
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    assert cache.nbytes == 200
+
+
+def test_an_adapter_larger_than_the_cache_is_not_cached():
+    cache = AdapterCache(max_bytes=50)
+    cache.put("big", FakeAdapter(100))
+    assert cache.get("big") is None and cache.nbytes == 0
