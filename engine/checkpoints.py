@@ -105,12 +105,12 @@ class CheckpointStore:
             raise CheckpointNotFound(name, "no checkpoint root is configured")
         if name.startswith(SCHEME):
             parts = name[len(SCHEME):].split("/")
+            if any(part in ("", ".", "..") for part in parts):
+                raise CheckpointError(f"`{name}`: a checkpoint path may not have empty, `.` or `..` parts")
             if len(parts) != 3:
                 raise CheckpointError(f"`{name}` is not a checkpoint path: expected tinker://RUN/KIND/NAME")
             if parts[1] not in KINDS:
                 raise CheckpointError(f"`{name}`: the kind must be one of {', '.join(KINDS)}")
-            if any(part in ("", ".", "..") for part in parts):
-                raise CheckpointError(f"`{name}`: a checkpoint path may not have empty, `.` or `..` parts")
             path = self.root.joinpath(*parts)
         else:
             if ".." in Path(name).parts:
