@@ -98,3 +98,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     sampler_backend: str = "auto"           # "auto" | "triton" | "torch"
     checkpoint_root: str | None = None
+    lora_cache_memory: int = 1 << 30        # bytes of adapter tensors kept for fast switching

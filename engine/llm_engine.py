@@ -20,8 +20,10 @@ import torch
 import xxhash
 
 from engine.block_manager import BlockManager
+from engine.checkpoints import CheckpointStore
 from engine.config import EngineConfig, ModelConfig
 from engine.default_model import fetch_default_model
+from engine.lora_manager import LoraManager
 from engine.model_runner import ModelRunner, kv_cache_block_bytes
 from engine.models.loader import load_model
 from engine.output_processor import OutputProcessor
@@ -61,6 +63,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
+        self.checkpoints = CheckpointStore(ecfg.checkpoint_root, self.model_name, cfg)
+        self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory)
         self.output_processor = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
@@ -122,9 +126,11 @@ class Engine:
                 f"max_tokens.")
 
     def _resolve_checkpoint(self, checkpoint: str | None) -> Path | None:
-        if checkpoint in (None, self.model_name, str(self.model_dir)):
+        """The checkpoint directory to serve (None: the base model); raises CheckpointError."""
+        if checkpoint is None:
             return None
-        raise ValueError(f"The model `{checkpoint}` does not exist.")
+        info = self.checkpoints.resolve(checkpoint)
+        return None if info is None else info.path
 
     # ---- engine thread -------------------------------------------------------------------
 
@@ -160,8 +166,9 @@ class Engine:
 
     def _step(self, batch: ScheduledBatch) -> None:
         try:
+            self.lora.activate(batch.checkpoint)
             results = self.runner.execute(batch)
-        except Exception as exc:  # a bug or a bad request: fail this batch, keep serving
+        except Exception as exc:  # a bad checkpoint, a bad request or a bug: fail them, keep serving
             for seq in batch.seqs:
                 self._fail(seq, exc)
             return
