@@ -27,8 +27,9 @@ def mixed_params(batch: int, vocab: int, device: torch.device | str,
     """Random per-row parameters covering greedy rows, each truncation alone and combined."""
     temperature = torch.rand(batch, generator=gen) * 1.5 + 0.3
     temperature[::5] = 0.0                                          # some greedy rows
-    top_k = torch.randint(-1, vocab + 3, (batch,), generator=gen, dtype=torch.int32)
+    top_k = torch.randint(1, 64, (batch,), generator=gen, dtype=torch.int32)
     top_k[1::3] = 0                                                  # top-k off
+    top_k[2::6] = vocab + 2                                          # above the vocabulary: off
     top_p = torch.rand(batch, generator=gen) * 0.9 + 0.1
     top_p[2::4] = 1.0                                                # top-p off
     min_p = torch.rand(batch, generator=gen) * 0.3
@@ -39,8 +40,9 @@ def mixed_params(batch: int, vocab: int, device: torch.device | str,
 
 def random_logits(batch: int, vocab: int, device: torch.device | str, gen: torch.Generator,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, V] logits with a realistic spread, some exact ties and some -inf (banned) tokens."""
-    logits = torch.randn(batch, vocab, generator=gen) * 3.0
+    """[B, V] logits with a realistic spread, many exact ties and some -inf (banned) tokens."""
+    logits = torch.randn(batch, vocab, generator=gen) * 2.0
+    logits[1::2] = torch.round(logits[1::2] * 4) / 4                 # odd rows: ties everywhere
     logits[:, 1::7] = logits[:, 0:1]                                 # ties with token 0
     logits[:, 3::11] = -torch.inf
     return logits.to(device=device, dtype=dtype)

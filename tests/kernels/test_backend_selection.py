@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kernels import get_sampling_ops, sampling_ref
+from kernels import get_sampling_ops, logprobs, penalties, sampling, sampling_ref
 
 
 def test_auto_on_cpu_is_the_torch_reference(monkeypatch):
@@ -21,6 +21,18 @@ def test_auto_on_cpu_is_the_torch_reference(monkeypatch):
 def test_environment_overrides_auto_but_not_an_explicit_choice(monkeypatch):
     monkeypatch.setenv("POKESERVE_SAMPLER", "torch")
     assert get_sampling_ops("auto", "cuda").name == "torch"    # no CUDA call is made
+    monkeypatch.setenv("POKESERVE_SAMPLER", "triton")
+    assert get_sampling_ops("auto", "cpu").name == "triton"    # the interpreter is on here
+    assert get_sampling_ops("torch", "cpu").name == "torch"
+
+
+def test_triton_ops_are_the_kernels(monkeypatch):
+    monkeypatch.delenv("POKESERVE_SAMPLER", raising=False)
+    ops = get_sampling_ops("triton", "cpu")
+    assert (ops.name, ops.sample, ops.logprobs) == ("triton", sampling.sample, logprobs.logprobs)
+    assert (ops.apply_penalties, ops.apply_logit_bias) == (penalties.apply_penalties,
+                                                           penalties.apply_logit_bias)
+    assert get_sampling_ops("auto", "cuda").name == "triton"   # triton is installed here
 
 
 def test_unknown_backend_names_the_setting(monkeypatch):
