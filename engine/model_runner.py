@@ -76,7 +76,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
             context_lens=as_tensor([s.num_computed_tokens + n for s, n in zip(seqs, counts)]),
-            query_lens=counts, num_decodes=sum(1 for n in counts if n == 1))
+            query_lens=counts, num_decodes=sum(1 for n in counts if n == 1),
+            block_size=self.block_size)
         return as_tensor(input_ids), as_tensor(positions), meta
 
     def _sample(self, hidden, seqs, counts, starts, results) -> None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 class AttentionMetadata:
     """How the flat batch of new tokens splits into sequences.
 
-    Sequences are ordered decodes first (one new token each), then prefill chunks.
+    Sequences are ordered decodes first (one new token each), then prefill chunks. The
+    masks depend only on this layout, not on the layer, so they are built once per step.
     """
 
     slot_mapping: torch.Tensor   # [num_tokens] flat cache slot of each new token
@@ -27,6 +28,27 @@ class AttentionMetadata:
     context_lens: torch.Tensor   # [num_seqs] tokens in the cache after this step
     query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
     num_decodes: int             # the first num_decodes sequences have query_len 1
+    block_size: int
+
+    def __post_init__(self) -> None:
+        nd, bs = self.num_decodes, self.block_size
+        self.decode_mask = _mask(self.context_lens[:nd], 1, self.block_tables.shape[1] * bs)
+        # Each prefill chunk gathers only its own blocks.
+        self.prefill_tables, self.prefill_masks = [], []
+        for i in range(nd, len(self.query_lens)):
+            num_blocks = -(-int(self.context_lens[i]) // bs)
+            self.prefill_tables.append(self.block_tables[i:i + 1, :num_blocks])
+            self.prefill_masks.append(_mask(self.context_lens[i:i + 1], self.query_lens[i],
+                                            num_blocks * bs))
+
+
+def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
+    """bool [num_seqs, 1, num_queries, num_keys]: query i (the last `num_queries` tokens of
+    its sequence) sees every cached key at or before its own position."""
+    key_pos = torch.arange(num_keys, device=context_lens.device)                   # [L]
+    query_pos = (context_lens[:, None] - num_queries
+                 + torch.arange(num_queries, device=context_lens.device))         # [S, Q]
+    return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
@@ -43,33 +65,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decodes
     if nd:
         out[:nd] = _attend(q[:nd].unsqueeze(1), k_cache, v_cache, meta.block_tables[:nd],
-                           meta.context_lens[:nd], scale).squeeze(1)
+                           meta.decode_mask, scale).squeeze(1)
     start = nd
-    for i in range(nd, len(meta.query_lens)):
-        n = meta.query_lens[i]
+    for table, mask, n in zip(meta.prefill_tables, meta.prefill_masks, meta.query_lens[nd:]):
         out[start:start + n] = _attend(q[start:start + n].unsqueeze(0), k_cache, v_cache,
-                                       meta.block_tables[i:i + 1], meta.context_lens[i:i + 1],
-                                       scale).squeeze(0)
+                                       table, mask, scale).squeeze(0)
         start += n
     return out
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Sequences that all have the same number of new queries.
-
-    q: [num_seqs, num_queries, num_heads, head_dim]; the queries are the last
-    `num_queries` tokens of each sequence's context.
-    """
-    num_seqs, num_queries = q.shape[:2]
-    # Gather each sequence's blocks: [num_seqs, max_blocks * block_size, num_kv_heads, head_dim]
+            block_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [num_seqs, num_queries, num_heads, head_dim], all with the same number of queries."""
+    # Gather each sequence's blocks: [num_seqs, num_blocks * block_size, num_kv_heads, head_dim]
     k = k_cache[block_tables].flatten(1, 2)
     v = v_cache[block_tables].flatten(1, 2)
-    key_pos = torch.arange(k.shape[1], device=q.device)                     # [L]
-    query_pos = (context_lens[:, None] - num_queries
-                 + torch.arange(num_queries, device=q.device))              # [num_seqs, Q]
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]                  # [num_seqs, Q, L]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)                                              # [num_seqs, Q, H, D]
+        attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)                                              # [S, Q, H, D]
