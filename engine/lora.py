@@ -50,12 +50,18 @@ class LoraModule:
     lora_a: torch.Tensor  # [r, in]; for the input embedding [r, vocab]
     lora_b: torch.Tensor  # [out, r]; for the input embedding [hidden, r]
 
-    def merged(self, base: torch.Tensor) -> torch.Tensor:
-        """`base + scale * delta` in float32, for the module's weight `base` [out, in]
-        (the embedding's is [vocab, hidden], hence its transposed delta)."""
-        if self.module == EMBEDDING:
-            return torch.addmm(base.float(), self.lora_a.T, self.lora_b.T, alpha=self.scale)
-        return torch.addmm(base.float(), self.lora_b, self.lora_a, alpha=self.scale)
+    def merge_into(self, out: torch.Tensor, base: torch.Tensor) -> None:
+        """out = base + scale * delta, computed in float32 and cast once.
+
+        `base`, `out`: the module's weight [out, in] (the embedding's is [vocab, hidden],
+        hence its transposed delta); `out` is the live weight's rows.
+        """
+        mat1, mat2 = ((self.lora_a.T, self.lora_b.T) if self.module == EMBEDDING
+                      else (self.lora_b, self.lora_a))
+        if out.dtype == torch.float32:
+            torch.addmm(base, mat1, mat2, alpha=self.scale, out=out)   # no temporary
+        else:
+            out.copy_(torch.addmm(base.float(), mat1, mat2, alpha=self.scale))
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ def load_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False
                               tensors.get(a_key).to(device, torch.float32),
                               tensors.get(b_key).to(device, torch.float32))
                    for module, (a_key, b_key, scale) in plan.items()]
+    for m in modules:
+        if not (torch.isfinite(m.lora_a).all() and torch.isfinite(m.lora_b).all()):
+            raise CheckpointInvalid(f"{m.module}: the LoRA factors hold NaN or infinite values")
     return LoraAdapter(config, modules)
 
 

@@ -119,11 +119,12 @@ class LoraManager:
 
     def _merge(self, name: str, parts: list[tuple[LoraModule, slice]]) -> None:
         param, base = self.model.get_parameter(name), self._base_copy(name)
-        if name in self._modified:
-            param.copy_(base)
+        num_rows = param.shape[0]
+        covered = sum(len(range(*rows.indices(num_rows))) for _, rows in parts)
+        if name in self._modified and covered < num_rows:
+            param.copy_(base)   # rows no module of this adapter writes must hold the base
         for module, rows in parts:
-            # [rows, in]: computed in float32 from the exact base, cast once.
-            param[rows] = module.merged(base[rows].to(self._device)).to(param.dtype)
+            module.merge_into(param[rows], base[rows].to(self._device))
 
     def _restore(self, name: str) -> None:
         if self._tied and name == LM_HEAD:

@@ -110,7 +110,8 @@ def to_training_service_layout(peft_dir: Path, out_dir: Path) -> Path:
     renamed = {}
     for key, tensor in load_file(peft_dir / "adapter_model.safetensors").items():
         key = key.replace("base_model.model.lm_head.", "base_model.model.model.unembed_tokens.")
-        key = key.replace(".lora_embedding_A", ".lora_A.weight").replace(".lora_embedding_B", ".lora_B.weight")
+        for ab in "AB":
+            key = key.replace(f".lora_embedding_{ab}", f".lora_{ab}.weight")
         renamed[key] = tensor
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     config["target_modules"] = ["unembed_tokens" if t == "lm_head" else t for t in config["target_modules"]]

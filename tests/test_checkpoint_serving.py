@@ -28,7 +28,8 @@ def greedy_params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[])
 
 
-def reference(model_dir: Path, adapter: Path | None, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+def reference(model_dir: Path, adapter: Path | None, prompt: list[int],
+              n: int) -> tuple[list[int], list[float]]:
     """PEFT's greedy tokens and their logprobs."""
     logprobs = peft_logprobs_fn(model_dir, adapter)
     tokens = greedy(logprobs, prompt, n)
@@ -69,8 +70,7 @@ def test_interleaved_requests_for_two_checkpoints_and_the_base_get_their_own_out
     # 24 tokens each: longer than the scheduler's turn on one checkpoint, so it switches
     # back and forth while sequences of each checkpoint are half-way through.
     checkpoints = [f"tinker://{RUN}/sampler_weights/a", f"tinker://{RUN}/sampler_weights/b", None]
-    dirs = {checkpoints[0]: root / RUN / "sampler_weights/a", checkpoints[1]: root / RUN / "sampler_weights/b",
-            None: None}
+    dirs = dict(zip(checkpoints, [root / RUN / "sampler_weights/a", root / RUN / "sampler_weights/b", None]))
     futures = [(checkpoint, prompt, engine.sampling_client(checkpoint).sample(
                     ModelInput.from_ints(prompt), 1, greedy_params(24)))
                for _ in range(2) for prompt in PROMPTS for checkpoint in checkpoints]
@@ -147,7 +147,8 @@ def test_checkpoints_saved_while_serving_are_served_once_complete(engine, model_
 
 def test_bad_checkpoints_get_clear_errors_and_others_keep_being_served(engine, model_dir, root, tmp_path):
     checkpoint = f"tinker://{RUN}/sampler_weights/a"
-    running = engine.sampling_client(checkpoint).sample(ModelInput.from_ints(PROMPTS[1]), 1, greedy_params(24))
+    running = engine.sampling_client(checkpoint).sample(ModelInput.from_ints(PROMPTS[1]), 1,
+                                                        greedy_params(24))
     bad_dir = root / RUN / "sampler_weights"
     save_peft_adapter(model_dir, bad_dir / "half", seed=3)
     (bad_dir / "half" / "checkpoint_complete").unlink()
@@ -157,11 +158,13 @@ def test_bad_checkpoints_get_clear_errors_and_others_keep_being_served(engine, m
              (str(tmp_path), CheckpointError, "outside the checkpoint root"),
              (f"tinker://{RUN}/sampler_weights/half", CheckpointIncomplete, "still being written"),
              (f"tinker://{RUN}/sampler_weights/nope", CheckpointNotFound, "does not exist"),
-             (f"tinker://{RUN}/sampler_weights/corrupt", CheckpointInvalid, "adapter_model.safetensors is corrupt")]
+             (f"tinker://{RUN}/sampler_weights/corrupt", CheckpointInvalid,
+              "adapter_model.safetensors is corrupt")]
     for name, error, message in cases:
         with pytest.raises(error, match=message):
             engine.add_request(PROMPTS[0], greedy_params(4), checkpoint=name)
     assert_matches(running.result(timeout=60).sequences[0],
                    reference(model_dir, root / RUN / "sampler_weights/a", PROMPTS[1], 24))
-    after = engine.sampling_client(engine.model_name).sample(ModelInput.from_ints(PROMPTS[0]), 1, greedy_params(4))
+    after = engine.sampling_client(engine.model_name).sample(ModelInput.from_ints(PROMPTS[0]), 1,
+                                                             greedy_params(4))
     assert_matches(after.result(timeout=60).sequences[0], reference(model_dir, None, PROMPTS[0], 4))

@@ -102,7 +102,8 @@ def llama_cfg(tiny_model_dirs) -> ModelConfig:
 
 def factors(cfg: ModelConfig, module: str, out_dim: int, in_dim: int, r: int = 4) -> dict:
     prefix = f"base_model.model.{module}"
-    return {f"{prefix}.lora_A.weight": torch.randn(r, in_dim), f"{prefix}.lora_B.weight": torch.randn(out_dim, r)}
+    return {f"{prefix}.lora_A.weight": torch.randn(r, in_dim),
+            f"{prefix}.lora_B.weight": torch.randn(out_dim, r)}
 
 
 def q_proj(cfg: ModelConfig, layer: int = 0, r: int = 4) -> dict:
@@ -110,6 +111,7 @@ def q_proj(cfg: ModelConfig, layer: int = 0, r: int = 4) -> dict:
 
 
 CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+MOE = "base_model.model.model.layers.0.mlp.experts.w1"   # the training service's 3-D expert factors
 
 
 def test_rank_and_alpha_patterns_and_rslora_set_each_modules_scale(llama_cfg, tmp_path):
@@ -123,8 +125,8 @@ def test_rank_and_alpha_patterns_and_rslora_set_each_modules_scale(llama_cfg, tm
 
 
 @pytest.mark.parametrize("tensors, config, message", [
-    (lambda c: {"base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight": torch.randn(4, 4, c.hidden_size),
-                "base_model.model.model.layers.0.mlp.experts.w1.lora_B.weight": torch.randn(4, 8, 4)},
+    (lambda c: {f"{MOE}.lora_A.weight": torch.randn(4, 4, c.hidden_size),
+                f"{MOE}.lora_B.weight": torch.randn(4, 8, 4)},
      CONFIG, "MoE expert adapters are not supported"),
     (lambda c: factors(c, "model.layers.0.self_attn.q_proj", c.q_size + 1, c.hidden_size),
      CONFIG, r"q_proj: lora_A \[4, 64\] / lora_B \[65, 4\] do not fit"),
@@ -153,6 +155,13 @@ def test_corrupt_weights_file_is_refused(llama_cfg, tmp_path):
     path.write_bytes(path.read_bytes()[:-100])   # truncated, as by a crash mid-write
     with pytest.raises(CheckpointInvalid, match="adapter_model.safetensors is corrupt"):
         inspect_adapter(adapter_dir, llama_cfg)
+
+
+def test_non_finite_factors_are_refused_when_loaded(llama_cfg, tmp_path):
+    tensors = q_proj(llama_cfg)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointInvalid, match="q_proj: the LoRA factors hold NaN or infinite values"):
+        load_adapter(write_adapter(tmp_path, tensors, CONFIG), llama_cfg)
 
 
 def test_unreadable_config_is_refused(llama_cfg, tmp_path):

@@ -7,7 +7,10 @@ import torch
 
 import engine.lora_manager as lora_manager
 from engine.checkpoint_errors import CheckpointInvalid
+from engine.config import ModelConfig
+from engine.lora import load_adapter
 from engine.lora_manager import AdapterCache, LoraManager
+from engine.models.loader import load_model
 from tests.lora_helpers import ALL_LINEAR, engine_logprobs_fn, load_engine_model, save_peft_adapter
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -72,7 +75,8 @@ def test_switching_back_reuses_the_cached_adapter(tied_setup, monkeypatch):
     model, a, b = tied_setup
     loads = []
     real_load = lora_manager.load_adapter
-    monkeypatch.setattr(lora_manager, "load_adapter", lambda path, *args: loads.append(path) or real_load(path, *args))
+    monkeypatch.setattr(lora_manager, "load_adapter",
+                        lambda path, *args: loads.append(path) or real_load(path, *args))
     manager = LoraManager(model)
     for checkpoint in (a, b, a, None, b):
         manager.activate(checkpoint)
@@ -122,3 +126,22 @@ def test_an_adapter_larger_than_the_cache_is_not_cached():
     cache = AdapterCache(max_bytes=50)
     cache.put("big", FakeAdapter(100))
     assert cache.get("big") is None and cache.nbytes == 0
+
+
+def test_bfloat16_weights_get_the_float32_merge_cast_once(tiny_model_dirs, tmp_path):
+    model_dir = tiny_model_dirs["llama-gqa-untied"]
+    cfg = ModelConfig.from_dir(model_dir)
+    model = load_model(model_dir, cfg, "cpu", torch.bfloat16, progress=False)
+    adapter_dir = save_peft_adapter(model_dir, tmp_path / "a", targets=["k_proj", "lm_head"])
+    base = weights(model)
+    LoraManager(model).activate(adapter_dir)
+    modules = {m.module: m for m in load_adapter(adapter_dir, cfg).modules}
+    k = modules["model.layers.1.self_attn.k_proj"]
+    rows = slice(cfg.q_size, cfg.q_size + cfg.kv_size)
+    qkv = "layers.1.self_attn.qkv_proj.weight"
+    expected = (base[qkv][rows].float() + k.scale * (k.lora_b @ k.lora_a)).to(torch.bfloat16)
+    assert torch.equal(model.get_parameter(qkv)[rows], expected)
+    assert torch.equal(model.get_parameter(qkv)[:cfg.q_size], base[qkv][:cfg.q_size])   # q untouched
+    head = modules["lm_head"]
+    expected_head = (base["lm_head"].float() + head.scale * (head.lora_b @ head.lora_a)).to(torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, expected_head)
