@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoint_errors import CheckpointInvalid
 from engine.lora import PICKLE_FILE, SAFETENSORS_FILE, LoraAdapter, LoraModule, load_adapter
 from engine.models.llama import LlamaForCausalLM
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
 # (resolved directory, inode, mtime_ns, size of its weights file): a rewritten checkpoint is a new one.
 AdapterKey = tuple[Path, int, int, int]
+_MISSING = (0, 0, 0)
 
 
 class AdapterCache:
@@ -84,8 +86,8 @@ class LoraManager:
         Raises CheckpointInvalid if the adapter cannot be read; the model is then unchanged.
         """
         key = None if checkpoint_dir is None else _adapter_key(Path(checkpoint_dir))
-        if key == self._active:
-            return
+        if key == self._active or (key is not None and key[1:] == _MISSING and key[0] == self.active):
+            return   # unchanged; or deleted while in use: finish its requests with what is merged
         targets = self._targets(None if key is None else self._load(key))
         for name in self._modified - targets.keys():
             self._restore(name)
@@ -101,7 +103,10 @@ class LoraManager:
     def _load(self, key: AdapterKey) -> LoraAdapter:
         adapter = self.cache.get(key)
         if adapter is None:
-            adapter = load_adapter(key[0], self.model.cfg, self.allow_pickle, self._device)
+            try:
+                adapter = load_adapter(key[0], self.model.cfg, self.allow_pickle, self._device)
+            except CheckpointInvalid as e:
+                raise CheckpointInvalid(f"Checkpoint `{key[0].name}` cannot be served: {e}") from None
             self.cache.put(key, adapter)
         return adapter
 
@@ -150,4 +155,4 @@ def _adapter_key(checkpoint_dir: Path) -> AdapterKey:
         except FileNotFoundError:
             continue
         return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
-    return path, 0, 0, 0   # nothing to read: load_adapter says what is missing
+    return (path, *_MISSING)   # nothing to read: load_adapter says what is missing

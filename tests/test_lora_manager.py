@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -104,6 +106,20 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_model_as_it_was(tied_setup):
         manager.activate(b)
     assert_bit_identical(weights(model), a_weights)
     assert manager.active == a.resolve()
+
+
+def test_a_checkpoint_deleted_while_active_keeps_serving_what_is_merged(tied_setup):
+    model, a, b = tied_setup
+    manager = LoraManager(model)
+    manager.activate(a)
+    a_weights = weights(model)
+    shutil.rmtree(a)
+    manager.activate(a)   # the requests already running on it finish on the same weights
+    assert_bit_identical(weights(model), a_weights)
+    manager.activate(b)
+    with pytest.raises(CheckpointInvalid,
+                       match="Checkpoint `a` cannot be served: adapter_config.json is missing"):
+        manager.activate(a)
 
 
 class FakeAdapter:
