@@ -45,6 +45,10 @@ def truncation_mask(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     """bool [B, V]: the tokens each row may draw after top-k, top-p and min-p."""
     x = logits.float()                                            # [B, V]
     vocab = x.shape[-1]
+    if not ((top_k > 0) & (top_k < vocab)).any() and not (top_p < 1.0).any():
+        # Neither top-k nor top-p in the batch: no sort needed (the CPU engine's common case).
+        kth = pth = torch.full((x.shape[0], 1), -torch.inf, device=x.device)
+        return _finish_mask(x, kth, pth, temperature, min_p)
     desc, _ = x.sort(dim=-1, descending=True)                     # [B, V]
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).long()
     kth = desc.gather(1, (k - 1)[:, None])                        # [B, 1]
@@ -55,9 +59,15 @@ def truncation_mask(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     first = reached.int().argmax(dim=-1, keepdim=True)            # [B, 1]
     p_on = (top_p < 1.0)[:, None] & reached.any(dim=-1, keepdim=True)
     pth = torch.where(p_on, desc.gather(1, first), -torch.inf)    # [B, 1]
+    return _finish_mask(x, kth, pth, temperature, min_p)
+
+
+def _finish_mask(x: torch.Tensor, kth: torch.Tensor, pth: torch.Tensor,
+                 temperature: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep logits at or above both thresholds, then apply min-p; greedy rows keep their argmax."""
     keep = (x >= kth) & (x >= pth) & (x > -torch.inf)
     keep &= scaled_weights(x, temperature) >= min_p.float()[:, None]
-    greedy = torch.nn.functional.one_hot(x.argmax(dim=-1), vocab).bool()
+    greedy = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[-1]).bool()
     return torch.where((temperature <= 0)[:, None], greedy, keep)
 
 
@@ -67,6 +77,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """int64 [B]: one token per row (see the module docstring for the exact rule)."""
     x = logits.float()                                            # [B, V]
     vocab = x.shape[-1]
+    if (temperature <= 0).all():
+        return x.argmax(dim=-1)                                   # all greedy: nothing to draw
     keep = truncation_mask(x, temperature, top_k, top_p, min_p)
     w = torch.where(keep, scaled_weights(x, temperature), 0.0)    # [B, V]
     cum = w.cumsum(dim=-1)                                        # [B, V]
@@ -120,6 +132,9 @@ def logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     """
     lp = torch.log_softmax(logits.float(), dim=-1)               # [B, V]
     chosen = lp.gather(1, token_ids.long()[:, None]).squeeze(1)
+    if num_top == 0:
+        empty = lp[:, :0]
+        return chosen, empty.long(), empty
     # A stable descending sort keeps tied tokens in id order.
     top_vals, top_ids = lp.sort(dim=-1, descending=True, stable=True)
     return chosen, top_ids[:, :num_top], top_vals[:, :num_top]
