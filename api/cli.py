@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from engine.default_model import FetchError, fetch_default_model
+
+API_KEY_ENV = "POKESERVE_API_KEY"
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -18,12 +21,76 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from api.server import configure_logging, serve
+    from api.state import ServerConfig
+
+    keys = list(args.api_key or [])
+    if os.environ.get(API_KEY_ENV):
+        keys.append(os.environ[API_KEY_ENV])
+    config = ServerConfig(api_keys=tuple(keys),
+                          served_model_names=tuple(args.served_model_name or ()))
+    configure_logging()
+    return serve(lambda: _load_engine(args), config, args.host, args.port, args.threads)
+
+
+def _load_engine(args: argparse.Namespace):
+    import torch
+
+    from engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    options = dict(device=device, dtype=getattr(torch, dtype), block_size=args.block_size,
+                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=args.max_num_batched_tokens,
+                   enable_prefix_caching=args.enable_prefix_caching,
+                   checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks)
+    if args.kv_cache_memory_gib is not None:
+        options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
+    return Engine(args.model, **options)
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    serve.add_argument("--model", default=None, help="a Hugging Face model directory "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--checkpoint-root", default=None,
+                       help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", action="append",
+                       help=f"require this key on /v1 routes (repeatable; also ${API_KEY_ENV})")
+    serve.add_argument("--served-model-name", nargs="+",
+                       help="names the base model answers to (default: its directory name)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if any)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    serve.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="KV-cache blocks (default: from --kv-cache-memory-gib)")
+    serve.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                       help="memory for the KV cache when --num-kv-blocks is not given (GiB)")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True)
+    serve.add_argument("--threads", type=int, default=64,
+                       help="HTTP worker threads; each streaming client holds one")
+    serve.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pokeserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch-model", help="make the embedded default model available "
                                 "and print its directory")
     fetch.set_defaults(func=_fetch_model)
+    _add_serve_parser(commands)
     return parser
 
 

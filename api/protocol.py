@@ -1,0 +1,176 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated with pydantic.
+
+Types are strict (a string where a number belongs is an error, as in the OpenAI API);
+unknown fields are accepted and ignored, which is how the SDK's `extra_body` arrives.
+Ranges that `SamplingParams` already checks are left to it, so each rule lives once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api.errors import APIError
+from engine import SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Request):
+    """The fields both endpoints share."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check(self) -> None:
+        """Rules that span fields; raise APIError (400)."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        try:
+            bias = {int(token): value for token, value in self.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=self.stop,
+                stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, logit_bias=bias,
+                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Any = None
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> str | list[str] | list[int] | list[list[int]]:
+        def ints(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(value, str) or ints(value):
+            return value
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
+                                                  or all(ints(p) for p in value)):
+            return value
+        raise ValueError("prompt must be a string, a list of strings, a non-empty list of "
+                         "token ids, or a list of such lists")
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check()
+        # echo with logprobs scores the prompt too, as vLLM does.
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self.sampling_params(self.max_tokens, self.logprobs or 0, prompt_logprobs)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    separate_reasoning: bool = True   # reasoning split: a later issue (accepted, unused)
+    response_format: dict[str, Any] | None = None   # accepted; not enforced
+
+    @field_validator("messages")
+    @classmethod
+    def _message_shape(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("role"), str):
+                raise ValueError(f"messages[{i}].role must be a string")
+            content = message.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        return messages
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check()
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "add_generation_prompt and continue_final_message cannot both "
+                           "be true", param="continue_final_message")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+        max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
+                      else self.max_tokens)
+        return self.sampling_params(max_tokens, self.top_logprobs or 0)
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse_request(model: type[_Request], raw: bytes) -> Any:
+    """Validate a raw JSON body into `model`; an APIError (400) naming the first bad field."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:   # includes bad UTF-8
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{field}: {message}" if field else message,
+                       param=str(err["loc"][0]) if err["loc"] else None) from None

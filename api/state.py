@@ -1,0 +1,121 @@
+"""What every route shares: the server's options, the engine (once loaded), the metrics,
+and the resolution of a request's `model` to the base model or a checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app, request
+
+from api.errors import APIError, engine_error
+from api.generation import Generation
+from api.metrics import Metrics
+from api.protocol import parse_request
+from engine.checkpoint_errors import CheckpointError
+from engine.checkpoints import CheckpointStore
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    api_keys: tuple[str, ...] = ()
+    served_model_names: tuple[str, ...] = ()   # names of the base model; default: its dir name
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    checkpoint: str | None      # None: the base model
+    chat_template: str | None   # the checkpoint's own template, else None (the model's)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: Metrics
+    engine: object | None = None   # engine.Engine once loaded
+    started: float = field(default_factory=time.time)
+    _checkpoints: CheckpointStore | None = None
+
+    def set_engine(self, engine) -> None:
+        self._checkpoints = CheckpointStore(engine.config.checkpoint_root, engine.model_name,
+                                            engine.model_config)
+        self.engine = engine
+        self.metrics.watch(engine)
+
+    def engine_alive(self) -> bool:
+        # The engine has no public liveness accessor yet: its thread is the truth.
+        return self.engine is not None and self.engine._thread.is_alive()
+
+    def require_engine(self):
+        """The engine, or a 503 while it loads or after it stopped."""
+        if self.engine is None:
+            raise APIError(503, "the model is still loading; try again shortly",
+                           code="model_loading")
+        if not self.engine_alive():
+            raise APIError(503, "the engine has stopped", code="engine_stopped")
+        return self.engine
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        engine = self.require_engine()
+        return self.config.served_model_names or (engine.model_name,)
+
+    def resolve_model(self, name: str) -> ResolvedModel:
+        """The base model or the servable checkpoint `name` means: 404 unknown, 409 still
+        being written, 400 invalid."""
+        engine = self.require_engine()
+        if name in self.base_names or name in (engine.model_name, str(engine.model_dir)):
+            return ResolvedModel(None, None)
+        try:
+            info = self._checkpoints.resolve(name)
+        except CheckpointError as exc:
+            raise engine_error(exc) from None
+        if info is None:
+            return ResolvedModel(None, None)
+        template = info.chat_template.read_text() if info.chat_template else None
+        return ResolvedModel(name, template)
+
+    def model_cards(self) -> list[dict]:
+        """`/v1/models` entries: the base model's names, then every complete checkpoint."""
+        engine = self.require_engine()
+        card = {"object": "model", "owned_by": "pokeserve", "max_model_len": engine.max_model_len}
+        cards = [{**card, "id": name, "created": int(self.started), "root": str(engine.model_dir),
+                  "parent": None} for name in self.base_names]
+        cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
+                   "parent": self.base_names[0]} for info in self._checkpoints.list()]
+        return cards
+
+
+def server_state() -> ServerState:
+    return current_app.extensions["pokeserve"]
+
+
+@dataclass
+class Accepted:
+    """A generation request that passed validation, ready for its prompt to be built."""
+
+    req: Any                 # the endpoint's pydantic request
+    params: SamplingParams
+    model: ResolvedModel
+    engine: Any              # engine.Engine
+    generation: Generation
+
+
+def accept(request_cls: type) -> Accepted:
+    """Validate the current request's body (400), resolve its model (404/409/400) and
+    check the engine is up (503)."""
+    req = parse_request(request_cls, request.get_data())
+    params = req.to_sampling_params()
+    state = server_state()
+    model = state.resolve_model(req.model)
+    engine = state.require_engine()
+    return Accepted(req, params, model, engine,
+                    Generation(engine, state.metrics, disconnected_callback()))
+
+
+def disconnected_callback():
+    """`() -> bool`: whether this request's client has gone (waitress can tell when its
+    `channel_request_lookahead` is on; other servers cannot, and it stays False)."""
+    return request.environ.get("waitress.client_disconnected") or (lambda: False)
