@@ -14,7 +14,6 @@ from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
 from engine.checkpoint_errors import CheckpointError
-from engine.checkpoints import CheckpointStore
 from engine.sampling_params import SamplingParams
 
 
@@ -36,11 +35,10 @@ class ServerState:
     metrics: Metrics
     engine: object | None = None   # engine.Engine once loaded
     started: float = field(default_factory=time.time)
-    _checkpoints: CheckpointStore | None = None
+    _checkpoints: Any = None   # engine.checkpoints.CheckpointStore
 
     def set_engine(self, engine) -> None:
-        self._checkpoints = CheckpointStore(engine.config.checkpoint_root, engine.model_name,
-                                            engine.model_config)
+        self._checkpoints = engine.checkpoints
         self.engine = engine
         self.metrics.watch(engine)
 
