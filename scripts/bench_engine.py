@@ -1,0 +1,89 @@
+"""Engine throughput against transformers' `generate`, the way a server is used.
+
+64 prompts of mixed lengths, each with its own max_tokens in [8, 200] (EOS ignored), all
+submitted to the engine at once; the same requests through `generate` in padded batches
+of 32 (each batch runs to its longest request, as a user batches with it). Also batch-1
+decode speed. Same command, same machine, for each dtype asked.
+
+    .venv/bin/python scripts/bench_engine.py [--dtypes float32 bfloat16] [--num-prompts 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+
+import torch
+
+from engine import Engine, ModelInput, SamplingParams
+from engine.default_model import fetch_default_model
+
+
+def make_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(8, 200))
+            for _ in range(n)]
+
+
+def bench_engine(engine: Engine, requests) -> float:
+    """Useful tokens per second with every request submitted at once."""
+    client = engine.sampling_client()
+    start = time.perf_counter()
+    futures = [client.sample(ModelInput.from_ints(p), 1, SamplingParams(
+        max_tokens=m, temperature=0.0, stop=[])) for p, m in requests]
+    useful = sum(len(f.result().sequences[0].tokens) for f in futures)
+    return useful / (time.perf_counter() - start)
+
+
+def bench_generate(model, requests, batch_size: int, pad_id: int) -> float:
+    """Useful tokens per second with padded (left) batches run to their longest request."""
+    start, useful = time.perf_counter(), 0
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        longest = max(m for _, m in batch)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
+                           min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
+        useful += sum(m for _, m in batch)
+    return useful / (time.perf_counter() - start)
+
+
+def run(dtype_name: str, num_prompts: int, model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    engine = Engine(model_dir, dtype=dtype, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    requests = make_requests(num_prompts, engine.model_config.vocab_size)
+    single = [(requests[0][0], 128)]
+    bench_engine(engine, requests[:4])                 # warm-up
+    results = {
+        "mixed": (bench_engine(engine, requests), bench_generate(hf, requests, 32, 2)),
+        "batch-1": (bench_engine(engine, single), bench_generate(hf, single, 1, 2)),
+    }
+    engine.shutdown()
+    for name, (ours, theirs) in results.items():
+        print(f"{dtype_name:9s} {name:8s} pokeserve {ours:8.1f} tok/s   transformers "
+              f"{theirs:8.1f} tok/s   ratio {ours / theirs:5.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--model", default=None, help="model directory (default: embedded model)")
+    args = parser.parse_args()
+    model_dir = args.model or fetch_default_model()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; model {model_dir}")
+    for dtype_name in args.dtypes:
+        run(dtype_name, args.num_prompts, model_dir)
+
+
+if __name__ == "__main__":
+    main()
