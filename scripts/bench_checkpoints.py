@@ -3,19 +3,20 @@
 Adapters of the training service's default shape (rank 32, alpha 32, every attention
 and MLP projection) over the default model, written by PEFT into a checkpoint root.
 Time to first token of one prompt (max_tokens=1, prefix cache off so that every
-request prefills) through the engine, for:
-- the base model: the baseline, every ratio is against it;
+request prefills) through the engine, and within it the time the engine thread spent
+switching (`LoraManager.activate`), for a request to:
+- the base model while it is active: the baseline, no switch;
 - a checkpoint never seen before: resolved, read from disk, checked, merged;
-- a checkpoint whose adapter is cached: the switch is a merge only.
-Then the switch alone (`LoraManager.activate` on a second copy of the model): a new
-adapter (read + merge), a cached one (merge), and back to the base (restore).
+- a checkpoint whose adapter is cached: the switch is a merge only;
+- the base model after a checkpoint: the switch is a restore.
 
-    .venv/bin/python scripts/bench_checkpoints.py [--rank 32] [--repeats 5] [--prompt-len 32]
+    .venv/bin/python scripts/bench_checkpoints.py [--rank 32] [--repeats 5] [--prompt-len 32] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -26,10 +27,8 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams
-from engine.config import ModelConfig
 from engine.default_model import fetch_default_model
 from engine.lora_manager import LoraManager
-from engine.models.loader import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN = "bench:train:0"
@@ -65,45 +64,54 @@ def ttft(engine: Engine, prompt: list[int], checkpoint: str | None) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def bench_engine(model_dir: Path, root: Path, names: list[str], prompt: list[int], repeats: int) -> dict:
+class SwitchTimer:
+    """Wraps the engine's `LoraManager.activate` to time the calls that switch checkpoints
+    (on the engine thread, where the engine does them)."""
+
+    def __init__(self, manager: LoraManager) -> None:
+        self.manager, self.activate = manager, manager.activate
+        self.last = 0.0
+        manager.activate = self
+
+    def __call__(self, checkpoint_dir: Path | None) -> None:
+        switching = checkpoint_dir != self.manager.active
+        start = time.perf_counter()
+        self.activate(checkpoint_dir)
+        if switching:
+            self.last = time.perf_counter() - start
+
+
+def bench(model_dir: Path, root: Path, names: list[str], prompt: list[int], repeats: int) -> dict:
+    """label -> (TTFTs, switch times) in seconds."""
     engine = Engine(model_dir, checkpoint_root=str(root), enable_prefix_caching=False, progress=False)
+    timer = SwitchTimer(engine.lora)
+    results: dict[str, tuple[list[float], list[float]]] = {}
+
+    def measure(label: str, checkpoint: str | None) -> None:
+        timer.last = 0.0
+        ttfts, switches = results.setdefault(label, ([], []))
+        ttfts.append(ttft(engine, prompt, checkpoint))
+        switches.append(timer.last)
+
     try:
         for _ in range(2):
             ttft(engine, prompt, None)   # warm-up
-        base = [ttft(engine, prompt, None) for _ in range(repeats)]
-        new = [ttft(engine, prompt, name) for name in names[2:]]   # each never seen before
-        cached_pair = names[:2]
-        for name in cached_pair:
+        for _ in range(repeats):
+            measure("base model (no switch)", None)
+        for name in names[2:]:
+            measure("new checkpoint (read + merge)", name)   # each never seen before
+        for name in names[:2]:
             ttft(engine, prompt, name)
-        cached = [ttft(engine, prompt, cached_pair[i % 2]) for i in range(repeats)]
+        for i in range(repeats):
+            measure("cached checkpoint (merge)", names[i % 2])
+            measure("back to base (restore)", None)
     finally:
         engine.shutdown()
-    return {"base model": base, "new checkpoint": new, "cached checkpoint": cached}
-
-
-def bench_switch(model_dir: Path, dirs: list[Path], repeats: int) -> dict:
-    model = load_model(model_dir, ModelConfig.from_dir(model_dir), "cpu", torch.float32, progress=False)
-    manager = LoraManager(model)
-    new = [timed(lambda d=d: manager.activate(d)) for d in dirs[2:]]
-    for d in dirs[:2]:
-        manager.activate(d)
-    cached = [timed(lambda i=i: manager.activate(dirs[i % 2])) for i in range(repeats)]
-    restore = []
-    for i in range(repeats):
-        manager.activate(dirs[i % 2])
-        restore.append(timed(lambda: manager.activate(None)))
-    return {"new adapter (read + merge)": new, "cached adapter (merge)": cached,
-            "back to base (restore)": restore}
+    return results
 
 
 def main() -> None:
@@ -112,9 +120,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 avoids thread wake-up stalls on a busy CPU")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = Path(args.model or fetch_default_model())
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}; model {model_dir.name}, float32, LoRA rank {args.rank}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -123,15 +136,14 @@ def main() -> None:
         print(f"adapter: {size / 2**20:.1f} MiB on disk")
         names = [f"tinker://{RUN}/sampler_weights/{d.name}" for d in dirs]
         prompt = list(range(100, 100 + args.prompt_len))
-        ttfts = bench_engine(model_dir, root, names, prompt, args.repeats)
-        switches = bench_switch(model_dir, dirs, args.repeats)
-    baseline = median_ms(ttfts["base model"])
-    print(f"time to first token ({args.prompt_len}-token prompt), median:")
-    for label, samples in ttfts.items():
-        print(f"  {label:26s} {median_ms(samples):8.1f} ms   {median_ms(samples) / baseline:5.2f}x base")
-    print("switch alone (LoraManager.activate), median:")
-    for label, samples in switches.items():
-        print(f"  {label:26s} {median_ms(samples):8.1f} ms")
+        results = bench(model_dir, root, names, prompt, args.repeats)
+    baseline = median_ms(results["base model (no switch)"][0])
+    print(f"medians over {args.repeats} requests, {args.prompt_len}-token prompt:")
+    print(f"  {'request for':30s} {'first token':>11s} {'vs base':>8s} {'of which switch':>16s}")
+    for label, (ttfts, switches) in results.items():
+        print(f"  {label:30s} {median_ms(ttfts):8.1f} ms {median_ms(ttfts) / baseline:7.2f}x "
+              f"{median_ms(switches):13.1f} ms")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
