@@ -133,3 +133,19 @@ def test_stop_token_ids_end_the_completion(client, server) -> None:
 def test_unknown_fields_are_ignored(client) -> None:
     plain = complete(client).choices[0].text
     assert complete(client, extra_body={"no_such_field": 1, "best_of": 1}).choices[0].text == plain
+
+
+def test_stream_with_echo_starts_with_the_prompt(client) -> None:
+    full = complete(client, echo=True, logprobs=1).choices[0]
+    chunks = list(complete(client, echo=True, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    assert streamed == full.logprobs.tokens
+
+
+def test_stream_chunks_arrive_while_the_sequence_still_runs(client, server) -> None:
+    stream = complete(client, max_tokens=300, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    assert first.choices[0].text   # a token's text, sent before the other 299 exist
+    assert server.metric("pokeserve_num_requests_running") == 1
+    stream.close()
