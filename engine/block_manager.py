@@ -35,8 +35,12 @@ def chain_hash(prev_hash: int, token_ids: tuple[int, ...]) -> int:
     return h.intdigest() & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def checkpoint_seed(checkpoint: object) -> int:
-    return 0 if checkpoint is None else xxhash.xxh64_intdigest(str(checkpoint).encode()) & 0x7FFF_FFFF_FFFF_FFFF
+def checkpoint_seed(seq: Sequence) -> int:
+    """Where a sequence's hash chain starts: its weights (checkpoint and version) and nothing else."""
+    if seq.checkpoint is None:
+        return 0
+    key = f"{seq.checkpoint}@{seq.checkpoint_version}".encode()
+    return xxhash.xxh64_intdigest(key) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class BlockManager:
@@ -68,7 +72,7 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return 0
-        h = checkpoint_seed(seq.checkpoint)
+        h = checkpoint_seed(seq)
         tokens = seq.token_ids
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
@@ -102,7 +106,7 @@ class BlockManager:
         first, end = old_num_computed // bs, seq.num_computed_tokens // bs
         if first >= end:
             return
-        h = self.blocks[seq.block_table[first - 1]].hash if first else checkpoint_seed(seq.checkpoint)
+        h = self.blocks[seq.block_table[first - 1]].hash if first else checkpoint_seed(seq)
         tokens = seq.token_ids
         for i in range(first, end):
             block = self.blocks[seq.block_table[i]]

@@ -84,8 +84,10 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         seed = (random.getrandbits(63) if params.seed is None else
                 xxhash.xxh64_intdigest(f"{params.seed}:{sample_index}".encode()) & (2**63 - 1))
+        info = None if checkpoint is None else self.checkpoints.resolve(checkpoint)
         seq = Sequence(request_id, list(prompt_ids), params, seed,
-                       checkpoint=self._resolve_checkpoint(checkpoint))
+                       checkpoint=info.path if info else None,
+                       checkpoint_version=info.created if info else 0.0)
         stream = RequestStream(request_id)
         self._inbox.put(("add", seq, stream))
         return stream
@@ -124,13 +126,6 @@ class Engine:
                 f"you requested {wanted} tokens ({len(prompt_ids)} in the prompt, "
                 f"{params.max_tokens or 1} for the completion). Please reduce the prompt or "
                 f"max_tokens.")
-
-    def _resolve_checkpoint(self, checkpoint: str | None) -> Path | None:
-        """The checkpoint directory to serve (None: the base model); raises CheckpointError."""
-        if checkpoint is None:
-            return None
-        info = self.checkpoints.resolve(checkpoint)
-        return None if info is None else info.path
 
     # ---- engine thread -------------------------------------------------------------------
 

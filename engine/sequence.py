@@ -23,6 +23,7 @@ class Sequence:
     params: SamplingParams
     seed: int                            # this sequence's own random stream
     checkpoint: Path | None = None       # None: the base model
+    checkpoint_version: float = 0.0      # when it was completed: a re-saved checkpoint is new
     arrival: int = 0                     # admission order; lower = older = higher priority
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

@@ -107,3 +107,12 @@ def test_reused_block_loses_its_old_hash():
     b = make_seq(range(50, 58))
     bm.append_slots(b, 8)           # overwrites both blocks
     assert bm.hash_to_block == {}
+
+
+def test_a_checkpoint_saved_again_in_place_does_not_reuse_the_old_blocks():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    ckpt = Path("/ckpt/final")
+    run_prefill(bm, make_seq(range(9), checkpoint=ckpt))
+    resaved = make_seq(range(9), checkpoint=ckpt)
+    resaved.checkpoint_version = 2.0
+    assert bm.allocate_cached_prefix(resaved) == 0
