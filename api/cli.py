@@ -61,8 +61,8 @@ def _add_serve_parser(commands) -> None:
                        "(default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--checkpoint-root", default=None,
                        help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", action="append",
                        help=f"require this key on /v1 routes (repeatable; also ${API_KEY_ENV})")
     serve.add_argument("--served-model-name", nargs="+",
@@ -74,11 +74,13 @@ def _add_serve_parser(commands) -> None:
                        help="KV-cache blocks (default: from --kv-cache-memory-gib)")
     serve.add_argument("--kv-cache-memory-gib", type=float, default=None,
                        help="memory for the KV cache when --num-kv-blocks is not given (GiB)")
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + completion (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="tokens per step (prefill chunks and decodes)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                       default=True)
+                       default=True, help="reuse KV blocks of identical prompt prefixes")
     serve.add_argument("--threads", type=int, default=64,
                        help="HTTP worker threads; each streaming client holds one")
     serve.set_defaults(func=_serve)
