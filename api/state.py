@@ -44,7 +44,7 @@ class ServerState:
 
     def engine_alive(self) -> bool:
         # The engine has no public liveness accessor yet: its thread is the truth.
-        return self.engine is not None and self.engine._thread.is_alive()
+        return self.engine is not None and self.engine.is_alive()
 
     def require_engine(self):
         """The engine, or a 503 while it loads or after it stopped."""

@@ -78,7 +78,7 @@ class Engine:
                     checkpoint: str | None = None, request_id: str | None = None,
                     sample_index: int = 0) -> RequestStream:
         """Queue a request; raises ValueError at once for a bad prompt or parameters."""
-        if not self._thread.is_alive():
+        if not self.is_alive():
             raise RuntimeError("the engine is not running")
         self._validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
@@ -91,6 +91,10 @@ class Engine:
         stream = RequestStream(request_id)
         self._inbox.put(("add", seq, stream))
         return stream
+
+    def is_alive(self) -> bool:
+        """Whether the engine thread is running (False after shutdown or a fatal error)."""
+        return self._thread.is_alive()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
