@@ -70,6 +70,12 @@ def detect_reasoning_format(chat_template: str | None) -> ReasoningFormat | None
     return None
 
 
+def prompt_opens_trace(fmt: ReasoningFormat, prompt_text: str) -> bool:
+    """True when the prompt ends inside a trace that the template opened: the output
+    starts as reasoning, and a thinking budget counts from its first token."""
+    return prompt_text.rstrip().endswith(fmt.start)
+
+
 class _Phase(enum.Enum):
     AWAIT_START = "await_start"   # no trace yet; the output may open one
     REASONING = "reasoning"       # inside the trace
@@ -92,11 +98,10 @@ class ReasoningSplitter:
         self._buf = ""               # held-back output text, not yet released
         self._reasoning_started = False   # a reasoning character was released
         self._strip_content_newlines = False
-        tail = prompt_text.rstrip()
-        if tail.endswith(fmt.end):
+        if prompt_text.rstrip().endswith(fmt.end):
             self._phase = _Phase.CONTENT
             self._strip_content_newlines = True
-        elif tail.endswith(fmt.start):
+        elif prompt_opens_trace(fmt, prompt_text):
             self._phase = _Phase.REASONING
         else:
             self._phase = _Phase.AWAIT_START

@@ -18,7 +18,8 @@ import pytest
 
 from engine.reasoning import (REASONING_EFFORTS, THINK_TAGS, ReasoningSplitter,
                               detect_reasoning_format, parse_reasoning_effort,
-                              reasoning_format_by_name, split_reasoning, thinking_budget)
+                              prompt_opens_trace, reasoning_format_by_name, split_reasoning,
+                              thinking_budget)
 
 DEMO_TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "demo_chat_template.jinja"
 
@@ -176,6 +177,12 @@ def _render_demo(enable_thinking: bool | None) -> str:
 def test_demo_template_prompt_decides_whether_thinking_is_open(enable_thinking, expected):
     prompt = _render_demo(enable_thinking)
     assert split_reasoning(THINK_TAGS, "I add.</think>12", prompt) == expected
+
+
+@pytest.mark.parametrize("enable_thinking,opens", [(None, True), (True, True), (False, False)])
+def test_prompt_opens_trace_only_when_the_template_left_it_open(enable_thinking, opens):
+    assert prompt_opens_trace(THINK_TAGS, _render_demo(enable_thinking)) is opens
+    assert not prompt_opens_trace(THINK_TAGS, HISTORY)
 
 
 def test_demo_template_is_detected_as_think_tags():
