@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import SeqStepResult
 from engine.outputs import RequestOutput
+from engine.reasoning import ReasoningSplitter
 from engine.sequence import Sequence
 from engine.stop_checker import StopChecker
 from engine.tokenizer import Tokenizer
@@ -24,6 +25,8 @@ class TextState:
     # Prompt logprobs arrive chunk by chunk; they are sent with the first token.
     prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])
     prompt_top_logprobs: list = field(default_factory=lambda: [None])
+    # Follows the reasoning trace while a thinking budget may still run out.
+    thinking: ReasoningSplitter | None = None
 
 
 class OutputProcessor:
@@ -37,6 +40,10 @@ class OutputProcessor:
         seq.text_state = TextState(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, p.skip_special_tokens),
             StopChecker(p.stop_strings, p.include_stop_str_in_output))
+        if p.thinking_budget is not None:
+            fmt = p.reasoning_format
+            seq.text_state.thinking = ReasoningSplitter(fmt, fmt.start if p.thinking_open_at_start else "")
+            self._check_thinking_budget(seq)
 
     def process(self, seq: Sequence, result: SeqStepResult) -> RequestOutput | None:
         """Apply one step's result to `seq`; the RequestOutput to send, if any."""
@@ -53,22 +60,39 @@ class OutputProcessor:
         self._first_output_fields(seq, out)
         token = result.token_id
         seq.output_ids.append(token)
+        if seq.forced_ids:
+            seq.forced_ids.popleft()  # the sampler put it in this step
         out.token_ids, out.logprobs = [token], [result.logprob]
         if seq.params.logprobs:
             out.top_logprobs = [result.top_logprobs]
-        self._finish_if_stopped(seq, token, out)
+        new_text = state.detokenizer.add(token)
+        if state.thinking is not None:
+            state.thinking.feed(new_text, num_tokens=1)
+            self._check_thinking_budget(seq)
+        self._finish_if_stopped(seq, token, new_text, out)
         return out
 
-    def _finish_if_stopped(self, seq: Sequence, token: int, out: RequestOutput) -> None:
+    @staticmethod
+    def _check_thinking_budget(seq: Sequence) -> None:
+        """Once the trace has used its budget, queue the end marker to be forced next."""
+        state, p = seq.text_state, seq.params
+        if not state.thinking.in_reasoning:
+            state.thinking = None         # the model closed the trace itself
+        elif state.thinking.trace_open and state.thinking.reasoning_tokens >= p.thinking_budget:
+            seq.forced_ids.extend(p.thinking_end_ids)
+            state.thinking = None
+
+    def _finish_if_stopped(self, seq: Sequence, token: int, new_text: str,
+                           out: RequestOutput) -> None:
         p, state = seq.params, seq.text_state
         may_stop = len(seq.output_ids) >= p.min_tokens
         if may_stop and (token in p.stop_token_set or (p.eos_stops and token in self.eos_token_ids)):
             # The stop token's own text is not part of the answer, unless asked for.
             if p.include_stop_str_in_output and token in p.stop_token_set:
-                out.text = state.stop_checker.feed(state.detokenizer.add(token))[0]
+                out.text = state.stop_checker.feed(new_text)[0]
             out.text += state.stop_checker.flush()
             return self._finish(out, "stop", token if token in p.stop_token_set else None)
-        out.text, matched = state.stop_checker.feed(state.detokenizer.add(token))
+        out.text, matched = state.stop_checker.feed(new_text)
         if matched is not None and may_stop:
             return self._finish(out, "stop", matched)
         if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) \

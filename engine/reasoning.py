@@ -111,6 +111,11 @@ class ReasoningSplitter:
         """True while the output is (or may still be) inside the trace."""
         return self._phase is not _Phase.CONTENT
 
+    @property
+    def trace_open(self) -> bool:
+        """True once a trace has certainly opened and has not been closed yet."""
+        return self._phase is _Phase.REASONING
+
     def feed(self, text: str, num_tokens: int = 0) -> tuple[str, str]:
         """Take the next piece of output, made by `num_tokens` tokens (for the
         reasoning-token count); return the (reasoning, content) it releases."""

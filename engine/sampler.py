@@ -42,6 +42,9 @@ class Sampler:
             self._tensor([s.seed for s in seqs], torch.int64),
             self._tensor([len(s.output_ids) for s in seqs], torch.int64),
         )
+        for row, seq in enumerate(seqs):
+            if seq.forced_ids:  # e.g. the end of a trace whose thinking budget is spent
+                tokens[row] = seq.forced_ids[0]
         return self.logprobs(logits, tokens, [p.logprobs for p in params])
 
     def logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor,

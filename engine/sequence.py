@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class Sequence:
     num_computed_tokens: int = 0         # tokens whose k/v are in the cache
     num_cached_tokens: int = 0           # prompt tokens the prefix cache served (first admission)
     prompt_logprobs_done: bool = False   # prompt logprobs are computed once, not on recompute
+    forced_ids: deque[int] = field(default_factory=deque)  # the next tokens, chosen, not sampled
     text_state: Any = None               # detokenizer + stop checker, owned by the output processor
 
     @property
