@@ -50,7 +50,7 @@ class CheckpointStore:
 
     def __init__(self, root: str | Path | None, base_model_name: str, model_cfg: ModelConfig,
                  allow_pickle: bool = False) -> None:
-        self.root = Path(root).resolve() if root is not None else None
+        self.root = Path(root).expanduser().resolve() if root is not None else None
         self.base_model_name = base_model_name
         self.model_cfg = model_cfg
         self.allow_pickle = allow_pickle
