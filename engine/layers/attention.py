@@ -76,11 +76,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [num_seqs, num_queries, num_heads, head_dim], all with the same number of queries."""
-    # Gather each sequence's blocks: [num_seqs, num_blocks * block_size, num_kv_heads, head_dim]
-    k = k_cache[block_tables].flatten(1, 2)
-    v = v_cache[block_tables].flatten(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=True)
+    """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
+    # Gather each sequence's blocks: [num_seqs, num_kv_heads, num_blocks * block_size, head_dim]
+    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    q = q.transpose(1, 2)                                                   # [S, H, Q, D]
+    # PyTorch's CPU SDPA kernel is about 3x slower than two plain matmuls for one query
+    # per sequence in half precision (and faster in float32): see BENCHMARKS.md.
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] == 1:
+        out = _single_query_attention(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)                                              # [S, Q, H, D]
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA's math written out for q: [S, H, 1, D], k and v: [S, KVH, L, D]."""
+    num_seqs, num_heads, _, head_dim = q.shape
+    # Query heads grouped by the kv head they share (head h uses kv head h // G): [S, KVH, G, D]
+    q = q.reshape(num_seqs, k.shape[1], -1, head_dim)
+    scores = (q @ k.transpose(-1, -2)).float() * scale                      # [S, KVH, G, L]
+    scores.masked_fill_(~mask, float("-inf"))                               # mask: [S, 1, 1, L]
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return (probs @ v).view(num_seqs, num_heads, 1, head_dim)
