@@ -39,7 +39,7 @@ class ModelRunner:
                  num_blocks: int) -> None:
         self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
         self.device = torch.device(ecfg.device)
-        shape = (num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, num_blocks, ecfg.block_size, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=ecfg.dtype, device=self.device),
                            torch.zeros(shape, dtype=ecfg.dtype, device=self.device))
                           for _ in range(cfg.num_layers)]

@@ -74,7 +74,7 @@ def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> Logprob
     def logprobs(ids: list[int]) -> torch.Tensor:
         n = len(ids)
         num_blocks = -(-n // block_size)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
         caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                   for _ in range(cfg.num_layers)]
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],

@@ -1,8 +1,10 @@
 """Attention over the paged KV cache: the plain-PyTorch reference path.
 
-The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+The cache of one layer is two tensors `[num_kv_heads, num_blocks, block_size, head_dim]`.
 A sequence's tokens live in the blocks its block table lists, in order; token `j` of a
-sequence sits in block `table[j // block_size]`, row `j % block_size`. Each step first
+sequence sits in block `table[j // block_size]`, row `j % block_size`. Heads come first
+so that gathering a batch's blocks gives each head's keys contiguously, ready for a
+batched matmul without another copy. Each step first
 writes the new tokens' k/v into their slots, then every query attends to all of its
 sequence's cached tokens up to and including its own position.
 """
@@ -53,9 +55,9 @@ def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k, v: [num_tokens, num_kv_heads, head_dim]
-    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
-    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+    # k, v: [num_tokens, num_kv_heads, head_dim]; caches viewed as [KVH, num_slots, head_dim]
+    k_cache.view(k_cache.shape[0], -1, k.shape[-1])[:, slot_mapping] = k.transpose(0, 1)
+    v_cache.view(v_cache.shape[0], -1, v.shape[-1])[:, slot_mapping] = v.transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -77,26 +79,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
-    # Gather each sequence's blocks: [num_seqs, num_kv_heads, num_blocks * block_size, head_dim]
-    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    # Gather each sequence's blocks: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim]
+    k = k_cache[:, block_tables].flatten(2, 3)
+    v = v_cache[:, block_tables].flatten(2, 3)
     q = q.transpose(1, 2)                                                   # [S, H, Q, D]
     # PyTorch's CPU SDPA kernel is about 3x slower than two plain matmuls for one query
     # per sequence in half precision (and faster in float32): see BENCHMARKS.md.
     if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] == 1:
         out = _single_query_attention(q, k, v, mask, scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)                                              # [S, Q, H, D]
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA's math written out for q: [S, H, 1, D], k and v: [S, KVH, L, D]."""
+    """SDPA's math written out for q: [S, H, 1, D], k and v: [KVH, S, L, D]."""
     num_seqs, num_heads, _, head_dim = q.shape
-    # Query heads grouped by the kv head they share (head h uses kv head h // G): [S, KVH, G, D]
-    q = q.reshape(num_seqs, k.shape[1], -1, head_dim)
-    scores = (q @ k.transpose(-1, -2)).float() * scale                      # [S, KVH, G, L]
-    scores.masked_fill_(~mask, float("-inf"))                               # mask: [S, 1, 1, L]
+    # Query heads grouped by the kv head they share (head h uses kv head h // G): [KVH, S, G, D]
+    q = q.reshape(num_seqs, k.shape[0], -1, head_dim).transpose(0, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale                      # [KVH, S, G, L]
+    scores.masked_fill_(~mask.transpose(0, 1), float("-inf"))               # mask: [1, S, 1, L]
     probs = scores.softmax(dim=-1).to(v.dtype)
-    return (probs @ v).view(num_seqs, num_heads, 1, head_dim)
+    return (probs @ v).transpose(0, 1).reshape(num_seqs, num_heads, 1, head_dim)

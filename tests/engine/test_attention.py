@@ -27,7 +27,7 @@ def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype):
     # (tokens already cached, new tokens): three decodes, then two prefill chunks.
     layout = [(9, 1), (3, 1), (16, 1), (0, 7), (5, 6)]
     num_blocks = 40
-    k_cache = torch.zeros(num_blocks, BLOCK, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+    k_cache = torch.zeros(NUM_KV_HEADS, num_blocks, BLOCK, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     free = iter(torch.randperm(num_blocks, generator=gen).tolist())   # scattered blocks
     tables, seq_kv, slots, queries = [], [], [], []
