@@ -34,7 +34,10 @@ class AttentionMetadata:
 
     def __post_init__(self) -> None:
         nd, bs = self.num_decodes, self.block_size
-        self.decode_mask = _mask(self.context_lens[:nd], 1, self.block_tables.shape[1] * bs)
+        # Decodes gather up to their own longest context, not a prefill chunk's.
+        decode_blocks = -(-int(self.context_lens[:nd].max()) // bs) if nd else 0
+        self.decode_tables = self.block_tables[:nd, :decode_blocks]
+        self.decode_mask = _mask(self.context_lens[:nd], 1, decode_blocks * bs)
         # Each prefill chunk gathers only its own blocks.
         self.prefill_tables, self.prefill_masks = [], []
         for i in range(nd, len(self.query_lens)):
@@ -66,7 +69,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = _attend(q[:nd].unsqueeze(1), k_cache, v_cache, meta.block_tables[:nd],
+        out[:nd] = _attend(q[:nd].unsqueeze(1), k_cache, v_cache, meta.decode_tables,
                            meta.decode_mask, scale).squeeze(1)
     start = nd
     for table, mask, n in zip(meta.prefill_tables, meta.prefill_masks, meta.query_lens[nd:]):

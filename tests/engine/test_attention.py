@@ -24,8 +24,9 @@ def dense_attention(q, k, v, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype):
     gen = torch.Generator().manual_seed(0)
-    # (tokens already cached, new tokens): three decodes, then two prefill chunks.
-    layout = [(9, 1), (3, 1), (16, 1), (0, 7), (5, 6)]
+    # (tokens already cached, new tokens): three decodes, then two prefill chunks, the
+    # last longer than any decode.
+    layout = [(9, 1), (3, 1), (16, 1), (0, 7), (12, 14)]
     num_blocks = 40
     k_cache = torch.zeros(NUM_KV_HEADS, num_blocks, BLOCK, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
