@@ -47,7 +47,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, SeqStepResult]:
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        # Decodes first, shortest context first (attention groups them by length).
+        order = sorted(range(len(batch.seqs)), key=lambda i: (batch.num_new_tokens[i] != 1,
+                                                              batch.seqs[i].num_tokens))
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self._prepare(seqs, counts)

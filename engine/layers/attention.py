@@ -4,9 +4,13 @@ The cache of one layer is two tensors `[num_kv_heads, num_blocks, block_size, he
 A sequence's tokens live in the blocks its block table lists, in order; token `j` of a
 sequence sits in block `table[j // block_size]`, row `j % block_size`. Heads come first
 so that gathering a batch's blocks gives each head's keys contiguously, ready for a
-batched matmul without another copy. Each step first
-writes the new tokens' k/v into their slots, then every query attends to all of its
-sequence's cached tokens up to and including its own position.
+batched matmul without another copy. Each step first writes the new tokens' k/v into
+their slots, then every query attends to all of its sequence's cached tokens up to and
+including its own position.
+
+Attention runs per *group*: decodes (one query each) are batched into at most two
+groups of similar context length, so that short sequences do not gather the padding
+of long ones; each prefill chunk is a group of its own.
 """
 
 from __future__ import annotations
@@ -18,11 +22,24 @@ import torch.nn.functional as F
 
 
 @dataclass
+class AttentionGroup:
+    """Sequences attended together: all have `num_queries` new tokens, laid out
+    consecutively from row `start` of the flat batch."""
+
+    start: int
+    num_seqs: int
+    num_queries: int
+    block_tables: torch.Tensor   # [num_seqs, num_blocks], enough blocks for the longest
+    mask: torch.Tensor           # [num_seqs, 1, num_queries, num_blocks * block_size]
+
+
+@dataclass
 class AttentionMetadata:
     """How the flat batch of new tokens splits into sequences.
 
-    Sequences are ordered decodes first (one new token each), then prefill chunks. The
-    masks depend only on this layout, not on the layer, so they are built once per step.
+    Sequences are ordered decodes first (one new token each, shortest context first),
+    then prefill chunks. The groups depend only on this layout, not on the layer, so
+    they are built once per step.
     """
 
     slot_mapping: torch.Tensor   # [num_tokens] flat cache slot of each new token
@@ -33,18 +50,28 @@ class AttentionMetadata:
     block_size: int
 
     def __post_init__(self) -> None:
-        nd, bs = self.num_decodes, self.block_size
-        # Decodes gather up to their own longest context, not a prefill chunk's.
-        decode_blocks = -(-int(self.context_lens[:nd].max()) // bs) if nd else 0
-        self.decode_tables = self.block_tables[:nd, :decode_blocks]
-        self.decode_mask = _mask(self.context_lens[:nd], 1, decode_blocks * bs)
-        # Each prefill chunk gathers only its own blocks.
-        self.prefill_tables, self.prefill_masks = [], []
-        for i in range(nd, len(self.query_lens)):
-            num_blocks = -(-int(self.context_lens[i]) // bs)
-            self.prefill_tables.append(self.block_tables[i:i + 1, :num_blocks])
-            self.prefill_masks.append(_mask(self.context_lens[i:i + 1], self.query_lens[i],
-                                            num_blocks * bs))
+        lens = self.context_lens.tolist()
+        spans = _split_decodes(lens[:self.num_decodes])
+        spans += [(i, i + 1) for i in range(self.num_decodes, len(lens))]
+        self.groups, start = [], 0
+        for first, end in spans:
+            num_queries = self.query_lens[first]
+            num_blocks = -(-max(lens[first:end]) // self.block_size)
+            self.groups.append(AttentionGroup(
+                start, end - first, num_queries, self.block_tables[first:end, :num_blocks],
+                _mask(self.context_lens[first:end], num_queries, num_blocks * self.block_size)))
+            start += (end - first) * num_queries
+
+
+def _split_decodes(lens: list[int]) -> list[tuple[int, int]]:
+    """Split decodes (sorted by context length) in two where that saves at least a
+    third of the padded keys; each group then pads only to its own longest context."""
+    n = len(lens)
+    if n < 2:
+        return [(0, n)] if n else []
+    padded = lambda i: i * lens[i - 1] + (n - i) * lens[-1]  # noqa: E731  keys gathered
+    best = min(range(1, n), key=padded)
+    return [(0, best), (best, n)] if 3 * padded(best) <= 2 * n * lens[-1] else [(0, n)]
 
 
 def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
@@ -67,15 +94,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
     out = torch.empty_like(q)
-    nd = meta.num_decodes
-    if nd:
-        out[:nd] = _attend(q[:nd].unsqueeze(1), k_cache, v_cache, meta.decode_tables,
-                           meta.decode_mask, scale).squeeze(1)
-    start = nd
-    for table, mask, n in zip(meta.prefill_tables, meta.prefill_masks, meta.query_lens[nd:]):
-        out[start:start + n] = _attend(q[start:start + n].unsqueeze(0), k_cache, v_cache,
-                                       table, mask, scale).squeeze(0)
-        start += n
+    for g in meta.groups:
+        rows = slice(g.start, g.start + g.num_seqs * g.num_queries)
+        group_q = q[rows].view(g.num_seqs, g.num_queries, *q.shape[1:])
+        out[rows] = _attend(group_q, k_cache, v_cache, g.block_tables, g.mask,
+                            scale).reshape(-1, *q.shape[1:])
     return out
 
 

@@ -24,10 +24,10 @@ def dense_attention(q, k, v, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype):
     gen = torch.Generator().manual_seed(0)
-    # (tokens already cached, new tokens): three decodes, then two prefill chunks, the
-    # last longer than any decode.
-    layout = [(9, 1), (3, 1), (16, 1), (0, 7), (12, 14)]
-    num_blocks = 40
+    # (tokens already cached, new tokens): three decodes, shortest first, far enough
+    # apart to be split into two groups; then two prefill chunks.
+    layout = [(2, 1), (3, 1), (30, 1), (0, 7), (12, 14)]
+    num_blocks = 60
     k_cache = torch.zeros(NUM_KV_HEADS, num_blocks, BLOCK, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     free = iter(torch.randperm(num_blocks, generator=gen).tolist())   # scattered blocks
@@ -51,6 +51,7 @@ def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype):
     new_k = torch.cat([k[c:] for (k, _), (c, _) in zip(seq_kv, layout)])
     new_v = torch.cat([v[c:] for (_, v), (c, _) in zip(seq_kv, layout)])
     store_kv(k_cache, v_cache, new_k, new_v, meta.slot_mapping)          # this step
+    assert [(g.num_seqs, g.num_queries) for g in meta.groups] == [(2, 1), (1, 1), (1, 7), (1, 14)]
     out = paged_attention(torch.cat(queries), k_cache, v_cache, meta, scale=HEAD_DIM ** -0.5)
     want = torch.cat([dense_attention(q, k, v, HEAD_DIM ** -0.5) for q, (k, v) in zip(queries, seq_kv)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
