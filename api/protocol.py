@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.errors import APIError
 from engine import SamplingParams
+from engine.reasoning import parse_reasoning_effort
 
 MAX_LOGPROBS = 20
 
@@ -86,6 +87,7 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    reasoning_effort: Any = None   # refused: raw text has no template to open a trace
 
     @field_validator("prompt")
     @classmethod
@@ -104,6 +106,9 @@ class CompletionRequest(_GenerationRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         self.check()
+        if self.reasoning_effort is not None:
+            raise APIError(400, "reasoning_effort is only supported on /v1/chat/completions",
+                           param="reasoning_effort")
         # echo with logprobs scores the prompt too, as vLLM does.
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         return self.sampling_params(self.max_tokens, self.logprobs or 0, prompt_logprobs)
@@ -118,7 +123,8 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    separate_reasoning: bool = True   # reasoning split: a later issue (accepted, unused)
+    separate_reasoning: bool = True
+    reasoning_effort: Any = None   # a name or a number; validated to a float in [0, 1]
     response_format: dict[str, Any] | None = None   # accepted; not enforced
 
     @field_validator("messages")
@@ -131,6 +137,15 @@ class ChatCompletionRequest(_GenerationRequest):
             if content is not None and not isinstance(content, (str, list)):
                 raise ValueError(f"messages[{i}].content must be a string or a list of parts")
         return messages
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _effort(cls, value: Any) -> float | None:
+        """A name or a number in, the fraction of the reasoning budget it allows out."""
+        try:
+            return None if value is None else parse_reasoning_effort(value)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("reasoning_effort ")) from None
 
     def to_sampling_params(self) -> SamplingParams:
         self.check()
