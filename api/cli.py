@@ -6,9 +6,11 @@ import argparse
 import os
 import sys
 
-from engine.default_model import FetchError, fetch_default_model
+from engine.default_model import FetchError, fetch_default_model, pokeserve_home
+from engine.reasoning import REASONING_EFFORTS, REASONING_FORMATS
 
 API_KEY_ENV = "POKESERVE_API_KEY"
+_EFFORTS = ", ".join(f"{name}={value}" for name, value in REASONING_EFFORTS.items())
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -29,7 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
     if os.environ.get(API_KEY_ENV):
         keys.append(os.environ[API_KEY_ENV])
     config = ServerConfig(api_keys=tuple(keys),
-                          served_model_names=tuple(args.served_model_name or ()))
+                          served_model_names=tuple(args.served_model_name or ()),
+                          reasoning_parser=args.reasoning_parser,
+                          reasoning_budget=args.reasoning_budget)
     configure_logging()
     return serve(lambda: _load_engine(args), config, args.host, args.port, args.threads)
 
@@ -59,8 +63,10 @@ def _add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     serve.add_argument("--model", default=None, help="a Hugging Face model directory "
                        "(default: the embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--checkpoint-root", default=None,
-                       help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME)")
+    serve.add_argument("--checkpoint-root", default=str(pokeserve_home() / "checkpoints"),
+                       help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME); "
+                       "default: $POKESERVE_HOME/checkpoints, where "
+                       "scripts/make_demo_checkpoints.py saves them")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", action="append",
@@ -81,9 +87,25 @@ def _add_serve_parser(commands) -> None:
                        help="tokens per step (prefill chunks and decodes)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse KV blocks of identical prompt prefixes")
+    serve.add_argument("--reasoning-parser", choices=sorted(REASONING_FORMATS), default=None,
+                       help="the reasoning trace's format for every model served (default: "
+                       "detected from the chat template in use, checkpoint's or model's)")
+    serve.add_argument("--reasoning-budget", type=_positive_int, default=None,
+                       help="thinking tokens that reasoning_effort=1.0 allows; a request's "
+                       f"effort ({_EFFORTS}, or a number in [0, 1]) allows "
+                       "ceil(effort * budget) tokens before the end of thinking is forced "
+                       "(default: the request's max_completion_tokens or max_tokens, else "
+                       "the context the prompt leaves)")
     serve.add_argument("--threads", type=int, default=64,
                        help="HTTP worker threads; each streaming client holds one")
     serve.set_defaults(func=_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """What every route shares: the server's options, the engine (once loaded), the metrics,
-and the resolution of a request's `model` to the base model or a checkpoint."""
+and the resolution of a request's `model` to the base model or a checkpoint, with the
+chat template and reasoning format that go with it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
 from engine.checkpoint_errors import CheckpointError
+from engine.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
 from engine.sampling_params import SamplingParams
 
 
@@ -21,12 +23,22 @@ from engine.sampling_params import SamplingParams
 class ServerConfig:
     api_keys: tuple[str, ...] = ()
     served_model_names: tuple[str, ...] = ()   # names of the base model; default: its dir name
+    reasoning_parser: str | None = None   # a reasoning format's name; default: from the template
+    reasoning_budget: int | None = None   # tokens reasoning_effort=1 allows; default: the
+                                          # request's token limit, else the context left
+
+    def __post_init__(self) -> None:
+        if self.reasoning_parser is not None:
+            reasoning_format_by_name(self.reasoning_parser)   # ValueError naming the known ones
+        if self.reasoning_budget is not None and self.reasoning_budget < 1:
+            raise ValueError(f"reasoning_budget must be at least 1, got {self.reasoning_budget}")
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     checkpoint: str | None      # None: the base model
     chat_template: str | None   # the checkpoint's own template, else None (the model's)
+    reasoning_format: ReasoningFormat | None = None   # None: no separable trace
 
 
 @dataclass
@@ -65,15 +77,24 @@ class ServerState:
         being written, 400 invalid."""
         engine = self.require_engine()
         if name in self.base_names or name in (engine.model_name, str(engine.model_dir)):
-            return ResolvedModel(None, None)
+            return self._resolved(None, None)
         try:
             info = self._checkpoints.resolve(name)
         except CheckpointError as exc:
             raise engine_error(exc) from None
         if info is None:
-            return ResolvedModel(None, None)
+            return self._resolved(None, None)
         template = info.chat_template.read_text() if info.chat_template else None
-        return ResolvedModel(name, template)
+        return self._resolved(name, template)
+
+    def _resolved(self, checkpoint: str | None, chat_template: str | None) -> ResolvedModel:
+        """The reasoning format is the server's --reasoning-parser, else the one whose
+        markers the template in use writes (the checkpoint's own, else the model's)."""
+        if self.config.reasoning_parser is not None:
+            fmt = reasoning_format_by_name(self.config.reasoning_parser)
+        else:
+            fmt = detect_reasoning_format(chat_template or _model_template(self.engine.tokenizer))
+        return ResolvedModel(checkpoint, chat_template, fmt)
 
     def model_cards(self) -> list[dict]:
         """`/v1/models` entries: the base model's names, then every complete checkpoint."""
@@ -84,6 +105,12 @@ class ServerState:
         cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
                    "parent": self.base_names[0]} for info in self._checkpoints.list()]
         return cards
+
+
+def _model_template(tokenizer) -> str | None:
+    """The model's own chat template; of a set of named ones, the default."""
+    template = tokenizer.hf.chat_template
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def server_state() -> ServerState:
