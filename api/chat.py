@@ -1,14 +1,21 @@
 """`POST /v1/chat/completions`: messages rendered with the model's chat template.
 
 The template is the served checkpoint's own `chat_template.jinja` when it ships one,
-else the model's. Each choice's text passes through an output splitter that divides it
-into reasoning and content; today it is `_AllContent`, and the reasoning splitter
-(`engine.reasoning.ReasoningSplitter`, same `feed`/`finish` interface) plugs in at
-`_output_splitter` for `separate_reasoning`.
+else the model's. For a model with a reasoning format (the server's --reasoning-parser,
+else the markers its template writes), each choice's text passes through a
+`ReasoningSplitter`: with `separate_reasoning` (the default) the trace goes to
+`reasoning_content` (mirrored as `reasoning`) and the answer to `content`; without, the
+text stays whole in `content` and the splitter only counts the trace's tokens.
+
+`reasoning_effort` sets a thinking budget, ceil(effort * reasoning budget) tokens, after
+which the engine forces the format's end marker; the reasoning budget is the server's
+--reasoning-budget, else the request's token limit, else the context the prompt leaves.
+It applies only when the prompt opens the trace (not with `enable_thinking=false`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
@@ -18,8 +25,9 @@ from api.generation import Choice, Generation
 from api.logprobs import LogprobFormatter
 from api.protocol import ChatCompletionRequest
 from api.sse import sse_response
-from api.state import accept
-from engine import RequestOutput
+from api.state import Accepted, accept, server_state
+from engine import RequestOutput, SamplingParams
+from engine.reasoning import ReasoningFormat, ReasoningSplitter, prompt_opens_trace, thinking_budget
 
 bp = Blueprint("chat", __name__)
 
@@ -27,34 +35,70 @@ bp = Blueprint("chat", __name__)
 _RENDER_ARGUMENTS = {"add_generation_prompt", "continue_final_message", "tools", "chat_template"}
 
 
-class _AllContent:
-    """No reasoning split: every piece of text is content."""
+class _Inline:
+    """Every piece of text is content: `separate_reasoning=false`, or no reasoning
+    format. With a format, a splitter still follows the trace to count its tokens."""
+
+    def __init__(self, counter: ReasoningSplitter | None) -> None:
+        self.counter = counter
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.counter.reasoning_tokens if self.counter else 0
 
     def feed(self, text: str, num_tokens: int = 0) -> tuple[str, str]:
+        if self.counter:
+            self.counter.feed(text, num_tokens)
         return "", text
 
     def finish(self) -> tuple[str, str]:
         return "", ""
 
 
-def _output_splitter(req: ChatCompletionRequest, prompt_text: str) -> _AllContent:
-    return _AllContent()
+def _output_splitter(req: ChatCompletionRequest, fmt: ReasoningFormat | None,
+                     prompt_text: str) -> ReasoningSplitter | _Inline:
+    splitter = ReasoningSplitter(fmt, prompt_text) if fmt else None
+    return splitter if splitter and req.separate_reasoning else _Inline(splitter)
 
 
 @bp.post("/v1/chat/completions")
 def create_chat_completion() -> Response:
     job = accept(ChatCompletionRequest)
     req, gen, tokenizer = job.req, job.generation, job.engine.tokenizer
+    fmt = job.model.reasoning_format
+    if req.reasoning_effort is not None and fmt is None:
+        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
+                       "chat template writes no reasoning markers known to pokeserve (a "
+                       "server started with --reasoning-parser names them)",
+                       param="reasoning_effort")
     prompt_text = render_prompt(tokenizer, req.messages, req.chat_template_kwargs,
                                 chat_template=job.model.chat_template, tools=req.tools,
                                 add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    gen.submit([prompt_ids], job.params, req.n, job.model.checkpoint)
-    chat = _Chat(req, prompt_text, gen, LogprobFormatter(tokenizer))
+    params = _with_thinking_budget(job, prompt_text, len(prompt_ids))
+    gen.submit([prompt_ids], params, req.n, job.model.checkpoint)
+    splitters = [_output_splitter(req, fmt, prompt_text) for _ in gen.choices]
+    chat = _Chat(req, splitters, gen, LogprobFormatter(tokenizer))
     if req.stream:
         return sse_response(chat.chunks(), gen)
     return jsonify(chat.response())
+
+
+def _with_thinking_budget(job: Accepted, prompt_text: str,
+                          num_prompt_tokens: int) -> SamplingParams:
+    """The request's sampling params, plus the thinking budget its reasoning_effort sets
+    when the prompt opens a trace for the output to think in."""
+    fmt, effort = job.model.reasoning_format, job.req.reasoning_effort
+    if effort is None or not prompt_opens_trace(fmt, prompt_text):
+        return job.params
+    limits = (server_state().config.reasoning_budget, job.params.max_tokens)
+    budget = next((limit for limit in limits if limit is not None),
+                  max(0, job.engine.max_model_len - num_prompt_tokens))
+    end_ids = job.engine.tokenizer.encode(fmt.forced_end, add_special_tokens=False)
+    return dataclasses.replace(job.params, reasoning_format=fmt, thinking_end_ids=end_ids,
+                               thinking_budget=thinking_budget(effort, budget),
+                               thinking_open_at_start=True)
 
 
 def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict, **render_args) -> str:
@@ -73,10 +117,9 @@ def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict, **rend
 
 
 class _Chat:
-    def __init__(self, req: ChatCompletionRequest, prompt_text: str, gen: Generation,
-                 fmt: LogprobFormatter) -> None:
-        self.req, self.gen, self.fmt = req, gen, fmt
-        self.splitters = [_output_splitter(req, prompt_text) for _ in gen.choices]
+    def __init__(self, req: ChatCompletionRequest, splitters: list[ReasoningSplitter | _Inline],
+                 gen: Generation, fmt: LogprobFormatter) -> None:
+        self.req, self.splitters, self.gen, self.fmt = req, splitters, gen, fmt
 
     def _split(self, choice: Choice, out: RequestOutput) -> tuple[str, str]:
         splitter = self.splitters[choice.index]
@@ -90,6 +133,9 @@ class _Chat:
         if not self.req.logprobs:
             return []
         return self.fmt.chat(out.token_ids, out.logprobs, out.top_logprobs)
+
+    def _usage(self) -> dict:
+        return self.gen.usage(sum(s.reasoning_tokens for s in self.splitters))
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": f"chatcmpl-{self.gen.id}", "object": obj, "created": self.gen.created,
@@ -109,7 +155,7 @@ class _Chat:
         choices = [{"index": c.index, "message": _message(*texts[c.index]),
                     "logprobs": {"content": logprobs[c.index]} if self.req.logprobs else None,
                     "finish_reason": c.finish_reason} for c in self.gen.choices]
-        return {**self._envelope("chat.completion", choices), "usage": self.gen.usage()}
+        return {**self._envelope("chat.completion", choices), "usage": self._usage()}
 
     def chunks(self) -> Iterator[dict]:
         usage = {"usage": None} if self.req.include_usage else {}
@@ -122,15 +168,21 @@ class _Chat:
         for choice, out in self.gen.outputs():
             reasoning, content = self._split(choice, out)
             pending[choice.index] += self._logprobs(out)
-            delta = _delta(reasoning, content)
-            if delta or out.finished:
+            # Reasoning and content released together go out as two chunks, reasoning
+            # first, so that no chunk mixes the two.
+            deltas = [d for d in (_delta(reasoning=reasoning), _delta(content=content)) if d]
+            if out.finished and not deltas:
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
                 logprobs = {"content": pending[choice.index]} if self.req.logprobs else None
                 pending[choice.index] = []
                 yield {**self._envelope(obj, [{
                     "index": choice.index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": out.finish_reason if out.finished else None}]), **usage}
+                    "finish_reason": out.finish_reason if out.finished and last else None}]),
+                    **usage}
         if self.req.include_usage:
-            yield {**self._envelope(obj, []), "usage": self.gen.usage()}
+            yield {**self._envelope(obj, []), "usage": self._usage()}
 
 
 def _message(reasoning: str, content: str) -> dict:
@@ -140,7 +192,7 @@ def _message(reasoning: str, content: str) -> dict:
             "reasoning": trace}
 
 
-def _delta(reasoning: str, content: str) -> dict:
+def _delta(reasoning: str = "", content: str = "") -> dict:
     delta = {}
     if reasoning:
         delta["reasoning_content"] = delta["reasoning"] = reasoning

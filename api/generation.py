@@ -79,16 +79,17 @@ class Generation:
             if all(c.finished for c in self.choices):
                 return
 
-    def usage(self) -> dict:
+    def usage(self, reasoning_tokens: int = 0) -> dict:
         """OpenAI `usage`: each prompt counts once, whatever `n`; cached tokens are the
-        prefix-cache hits of each prompt's first sample."""
+        prefix-cache hits of each prompt's first sample. `reasoning_tokens` (of all
+        choices) is the caller's: only the chat route knows where a trace ends."""
         prompt_tokens = self.num_prompt_tokens
         completion_tokens = sum(c.num_output_tokens for c in self.choices)
         cached = sum(c.num_cached_tokens for c in self.choices if c.index % self.n == 0)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": cached},
-                "completion_tokens_details": {"reasoning_tokens": 0}}
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
     def abort(self) -> None:
         for choice in self.choices:
