@@ -153,15 +153,25 @@ class Engine:
                 self._abort_all()
                 return False
             if msg[0] == "add":
-                _, seq, stream = msg
-                self._arrivals += 1
-                seq.arrival = self._arrivals
-                self.output_processor.start(seq)
-                self._requests[seq.request_id] = (seq, stream)
-                self.scheduler.add(seq)
+                self._add(*msg[1:])
             elif msg[0] == "abort" and msg[1] in self._requests:
                 self._end(self._requests[msg[1]][0],
                           RequestOutput(msg[1], finished=True, finish_reason="abort"))
+
+    def _add(self, seq: Sequence, stream: RequestStream) -> None:
+        if seq.request_id in self._requests:
+            stream.put(RequestOutput(seq.request_id, finished=True, finish_reason="error",
+                                     error=f"request id {seq.request_id!r} is already in use"))
+            return
+        self._arrivals += 1
+        seq.arrival = self._arrivals
+        self._requests[seq.request_id] = (seq, stream)
+        try:
+            self.output_processor.start(seq)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        self.scheduler.add(seq)
 
     def _step(self, batch: ScheduledBatch) -> None:
         try:

@@ -198,3 +198,12 @@ def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_model_dirs):
     assert outs[torch.float32].tokens[:3] == outs[torch.bfloat16].tokens[:3]
     torch.testing.assert_close(torch.tensor(outs[torch.bfloat16].logprobs[:3]),
                                torch.tensor(outs[torch.float32].logprobs[:3]), atol=0.1, rtol=0)
+
+
+def test_a_request_id_already_in_use_fails_only_the_newcomer(engine):
+    first = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=30, stop=[]),
+                               request_id="dup")
+    second = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3), request_id="dup")
+    assert [o.finish_reason for o in second][-1] == "error"
+    outs = list(first)
+    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 30
