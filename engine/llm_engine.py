@@ -134,12 +134,15 @@ class Engine:
     # ---- engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work()):
-                break
-            batch = self.scheduler.schedule()
-            if batch is not None:
-                self._step(batch)
+        try:
+            while self._drain_inbox(block=not self.scheduler.has_work()):
+                batch = self.scheduler.schedule()
+                if batch is not None:
+                    self._step(batch)
+        except BaseException as exc:  # a bug in the engine itself: no caller may hang on it
+            for seq, _ in list(self._requests.values()):
+                self._fail(seq, exc)
+            raise
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""

@@ -207,3 +207,22 @@ def test_a_request_id_already_in_use_fails_only_the_newcomer(engine):
     assert [o.finish_reason for o in second][-1] == "error"
     outs = list(first)
     assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 30
+
+
+def test_an_engine_bug_fails_every_request_instead_of_hanging(tiny_model_dirs, monkeypatch):
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
+                 progress=False)
+    try:
+        def broken_schedule():
+            raise RuntimeError("scheduler bug")
+
+        monkeypatch.setattr(eng.scheduler, "schedule", broken_schedule)
+        stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+        out = stream.get(timeout=30)
+        assert out.finish_reason == "error" and "scheduler bug" in out.error
+        eng._thread.join(timeout=30)
+        assert not eng.is_alive()
+        with pytest.raises(RuntimeError, match="not running"):
+            eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+    finally:
+        eng.shutdown()
