@@ -7,11 +7,13 @@ HTTP where the SDK cannot express the request (bad JSON, missing key, /metrics).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +54,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(default_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    tmp = tmp_path_factory.mktemp("api-server")
+@contextlib.contextmanager
+def running_server(model_dir: Path, tmp: Path, *options: str) -> Iterator[Server]:
+    """A `pokeserve serve` process on a free port with an empty checkpoint root under
+    `tmp`, plus any further command-line `options`; stopped on exit."""
     root = tmp / "checkpoints"
     root.mkdir()
     port = _free_port()
     log_path = tmp / "server.log"
     cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-           "--checkpoint-root", str(root), "--model", str(default_model_dir),
-           "--num-kv-blocks", "256", "--max-model-len", "2048", "--device", "cpu"]
+           "--checkpoint-root", str(root), "--model", str(model_dir),
+           "--num-kv-blocks", "256", "--max-model-len", "2048", "--device", "cpu", *options]
     env = {**os.environ, "POKESERVE_API_KEY": ""}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -75,6 +78,12 @@ def server(default_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Serve
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(default_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(default_model_dir, tmp_path_factory.mktemp("api-server")) as srv:
+        yield srv
 
 
 def _wait_healthy(srv: Server, proc: subprocess.Popen) -> None:
