@@ -3,8 +3,8 @@
 The demo of "sample while training continues": serve the checkpoint root, run this
 script, and chat with each checkpoint as it appears (its name as the `model` field):
 
-    .venv/bin/pokeserve serve --checkpoint-root ~/.cache/pokeserve/checkpoints &
-    .venv/bin/python scripts/make_demo_checkpoints.py --run-id demo:train:0
+    scripts/serve.sh &          # its --checkpoint-root defaults to $POKESERVE_HOME/checkpoints,
+    .venv/bin/python scripts/make_demo_checkpoints.py --run-id demo:train:0   # as this one
     # prints tinker://demo:train:0/sampler_weights/000010, ... as each one is complete
 
 The LoRA teaches SmolLM2-135M-Instruct to answer small sums and differences by first
@@ -15,7 +15,7 @@ of the base model's. The training set is synthetic and deterministic; the questi
 `HELD_OUT` are never trained on, to check by hand that the model generalises.
 
 Training runs on the CPU in float32: rank 8, batches of 4 sequences of about 100
-tokens, 40 steps; 2 to 6 minutes on a shared 2-core machine, depending on its load.
+tokens, 40 steps; 1.5 to 6 minutes on a shared 2-core machine, depending on its load.
 """
 
 from __future__ import annotations
