@@ -33,7 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(api_keys=tuple(keys),
                           served_model_names=tuple(args.served_model_name or ()),
                           reasoning_parser=args.reasoning_parser,
-                          reasoning_budget=args.reasoning_budget)
+                          reasoning_budget=args.reasoning_budget,
+                          max_queued_requests=args.max_queued_requests)
     configure_logging()
     return serve(lambda: _load_engine(args), config, args.host, args.port, args.threads)
 
@@ -96,6 +97,9 @@ def _add_serve_parser(commands) -> None:
                        "ceil(effort * budget) tokens before the end of thinking is forced "
                        "(default: the request's max_completion_tokens or max_tokens, else "
                        "the context the prompt leaves)")
+    serve.add_argument("--max-queued-requests", type=_positive_int, default=None,
+                       help="answer 429 while this many requests already wait for the "
+                       "engine (default: no limit)")
     serve.add_argument("--threads", type=int, default=64,
                        help="HTTP worker threads; each streaming client holds one")
     serve.set_defaults(func=_serve)

@@ -26,6 +26,7 @@ class ServerConfig:
     reasoning_parser: str | None = None   # a reasoning format's name; default: from the template
     reasoning_budget: int | None = None   # tokens reasoning_effort=1 allows; default: the
                                           # request's token limit, else the context left
+    max_queued_requests: int | None = None   # 429 once this many wait for the engine
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None:
@@ -55,16 +56,20 @@ class ServerState:
         self.metrics.watch(engine)
 
     def engine_alive(self) -> bool:
-        # The engine has no public liveness accessor yet: its thread is the truth.
         return self.engine is not None and self.engine.is_alive()
 
     def require_engine(self):
-        """The engine, or a 503 while it loads or after it stopped."""
+        """The engine, or a 503 while it loads or after it stopped, or a 429 while too
+        many requests already wait for it."""
         if self.engine is None:
             raise APIError(503, "the model is still loading; try again shortly",
                            code="model_loading")
         if not self.engine_alive():
             raise APIError(503, "the engine has stopped", code="engine_stopped")
+        limit = self.config.max_queued_requests
+        if limit is not None and self.engine.stats().num_waiting >= limit:
+            raise APIError(429, f"the server is over capacity ({limit} requests are already "
+                           "waiting); try again shortly", code="server_overloaded")
         return self.engine
 
     @property
