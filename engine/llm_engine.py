@@ -21,6 +21,7 @@ import xxhash
 
 from engine.block_manager import BlockManager
 from engine.checkpoints import CheckpointStore
+from engine.client import SamplingClient
 from engine.config import EngineConfig, ModelConfig
 from engine.default_model import fetch_default_model
 from engine.lora_manager import LoraManager
@@ -104,9 +105,10 @@ class Engine:
         return EngineStats(len(s.running), len(s.waiting), bm.num_free_blocks, bm.num_total_blocks,
                            s.num_preemptions, s.num_prefix_cached_tokens)
 
-    def sampling_client(self, checkpoint: str | None = None):
-        from engine.client import SamplingClient
-
+    def sampling_client(self, checkpoint: str | None = None) -> SamplingClient:
+        """A native client for the base model or a checkpoint (checked now: CheckpointError)."""
+        if checkpoint is not None:
+            self.checkpoints.resolve(checkpoint)
         return SamplingClient(self, checkpoint)
 
     def shutdown(self) -> None:

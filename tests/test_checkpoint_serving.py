@@ -168,3 +168,13 @@ def test_bad_checkpoints_get_clear_errors_and_others_keep_being_served(engine, m
     after = engine.sampling_client(engine.model_name).sample(ModelInput.from_ints(PROMPTS[0]), 1,
                                                              greedy_params(4))
     assert_matches(after.result(timeout=60).sequences[0], reference(model_dir, None, PROMPTS[0], 4))
+
+
+def test_a_sampling_client_for_a_missing_checkpoint_is_refused_at_once(tiny_model_dirs, tmp_path):
+    eng = Engine(tiny_model_dirs["llama-gqa-untied"], block_size=4, num_kv_blocks=16,
+                 checkpoint_root=str(tmp_path), progress=False)
+    try:
+        with pytest.raises(CheckpointError, match="does not exist"):
+            eng.sampling_client("tinker://run:train:0/sampler_weights/000010")
+    finally:
+        eng.shutdown()
