@@ -92,9 +92,12 @@ class OutputProcessor:
                 out.text = state.stop_checker.feed(new_text)[0]
             out.text += state.stop_checker.flush()
             return self._finish(out, "stop", token if token in p.stop_token_set else None)
-        out.text, matched = state.stop_checker.feed(new_text)
-        if matched is not None and may_stop:
-            return self._finish(out, "stop", matched)
+        if may_stop:
+            out.text, matched = state.stop_checker.feed(new_text)
+            if matched is not None:
+                return self._finish(out, "stop", matched)
+        else:  # stop strings count only from min_tokens on, as in vLLM
+            out.text = state.stop_checker.flush() + new_text
         if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
             out.text += state.stop_checker.flush()

@@ -87,6 +87,8 @@ class SamplingParams:
             bad("repetition_penalty", "must be > 0")
         if self.min_tokens < 0:
             bad("min_tokens", "must be >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be at most max_tokens ({self.max_tokens})")
         if not 0 <= self.logprobs <= 20:
             bad("logprobs", "must be in [0, 20]")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:

@@ -226,3 +226,16 @@ def test_an_engine_bug_fails_every_request_instead_of_hanging(tiny_model_dirs, m
             eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
     finally:
         eng.shutdown()
+
+
+def test_stop_strings_only_count_from_min_tokens_on(engine):
+    greedy = list(engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=12, temperature=0.0,
+                                                                      stop=[])))
+    pieces = [o.text for o in greedy]
+    stop = next(p for p in pieces[:4] if p.strip())       # text from the first few tokens
+    outs = list(engine.add_request(PROMPT.to_ints(), SamplingParams(
+        max_tokens=12, temperature=0.0, stop=stop, min_tokens=6)))
+    text = "".join(o.text for o in outs)
+    assert sum(len(o.token_ids) for o in outs) >= 6
+    assert text.startswith("".join(pieces[:4]))           # the early stop string was kept
+    assert outs[-1].finish_reason in ("stop", "length")
