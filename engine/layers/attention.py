@@ -105,9 +105,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
-    # Gather each sequence's blocks: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim]
-    k = k_cache[:, block_tables].flatten(2, 3)
-    v = v_cache[:, block_tables].flatten(2, 3)
+    k = _gather_blocks(k_cache, block_tables)                              # [KVH, S, L, D]
+    v = _gather_blocks(v_cache, block_tables)
     q = q.transpose(1, 2)                                                   # [S, H, Q, D]
     # PyTorch's CPU SDPA kernel is about 3x slower than two plain matmuls for one query
     # per sequence in half precision (and faster in float32): see BENCHMARKS.md.
@@ -117,6 +116,17 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
                                              attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)                                              # [S, Q, H, D]
+
+
+def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Each sequence's blocks, in order: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim].
+
+    index_select copies whole blocks; on the CPU it is 1.5x (float32) to 4x (bfloat16)
+    faster than the equivalent advanced indexing `cache[:, block_tables]`.
+    """
+    num_seqs, num_blocks = block_tables.shape
+    picked = cache.index_select(1, block_tables.flatten())                # [KVH, S * nb, BS, D]
+    return picked.view(cache.shape[0], num_seqs, num_blocks * cache.shape[2], cache.shape[3])
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
