@@ -57,6 +57,7 @@ def _load_engine(args: argparse.Namespace):
                    checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks)
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
+    options["gpu_memory_utilization"] = args.gpu_memory_utilization
     return Engine(args.model, **options)
 
 
@@ -80,7 +81,11 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--num-kv-blocks", type=int, default=None,
                        help="KV-cache blocks (default: from --kv-cache-memory-gib)")
     serve.add_argument("--kv-cache-memory-gib", type=float, default=None,
-                       help="memory for the KV cache when --num-kv-blocks is not given (GiB)")
+                       help="memory for the KV cache when --num-kv-blocks is not given (GiB; "
+                       "default: on CUDA what the model leaves of --gpu-memory-utilization, "
+                       "else 1)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of the GPU's memory that weights and KV cache may use")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + completion (default: the model's)")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,16 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     """Serving knobs. The KV cache holds `num_kv_blocks` blocks of `block_size` tokens;
-    when `num_kv_blocks` is None it is derived from `kv_cache_memory` bytes."""
+    when `num_kv_blocks` is None it is derived from `kv_cache_memory` bytes, and when that
+    is None too, from what the model leaves of `gpu_memory_utilization` of a CUDA card
+    (vLLM's rule), or 1 GiB elsewhere."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory: int = 1 << 30
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 64                  # sequences per step
     max_num_batched_tokens: int = 2048      # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None        # defaults to the model's max positions
@@ -99,3 +103,12 @@ class EngineConfig:
     sampler_backend: str = "auto"           # "auto" | "triton" | "torch"
     checkpoint_root: str | None = None
     lora_cache_memory: int = 1 << 30        # bytes of adapter tensors kept for fast switching
+
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's budget in bytes (call once the model's weights are loaded)."""
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        if torch.device(self.device).type != "cuda":
+            return CPU_KV_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(torch.device(self.device))
+        return max(0, int(total * self.gpu_memory_utilization) - (total - free))

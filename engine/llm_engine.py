@@ -55,8 +55,11 @@ class Engine:
         self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         model = load_model(self.model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
-        num_blocks = ecfg.num_kv_blocks or max(
-            1, ecfg.kv_cache_memory // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
+        num_blocks = ecfg.num_kv_blocks or (
+            ecfg.kv_cache_bytes() // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
+        if num_blocks < 1:
+            raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
+                             "or give kv_cache_memory / num_kv_blocks")
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,

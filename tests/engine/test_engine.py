@@ -239,3 +239,15 @@ def test_stop_strings_only_count_from_min_tokens_on(engine):
     assert sum(len(o.token_ids) for o in outs) >= 6
     assert text.startswith("".join(pieces[:4]))           # the early stop string was kept
     assert outs[-1].finish_reason in ("stop", "length")
+
+
+def test_kv_cache_budget_on_cuda_is_what_the_model_leaves_of_the_utilization(monkeypatch):
+    from engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+
+    gib = 1 << 30
+    # A 80 GiB card with 20 GiB in use (weights): 0.9 * 80 - 20 = 52 GiB for the cache.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
+    assert EngineConfig(device="cuda").kv_cache_bytes() == 52 * gib
+    assert EngineConfig(device="cuda", gpu_memory_utilization=0.2).kv_cache_bytes() == 0
+    assert EngineConfig(device="cuda", kv_cache_memory=gib).kv_cache_bytes() == gib
+    assert EngineConfig(device="cpu").kv_cache_bytes() == CPU_KV_CACHE_BYTES
