@@ -68,7 +68,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
         self.checkpoints = CheckpointStore(ecfg.checkpoint_root, self.model_name, cfg)
-        self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory)
+        # Exact base copies live in host memory: the KV cache already took the GPU's spare.
+        self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
         self.output_processor = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
