@@ -66,18 +66,16 @@ class ModelRunner:
         input_ids, positions, slots = [], [], []
         for seq, n in zip(seqs, counts):
             start = seq.num_computed_tokens
-            tokens = seq.token_ids
-            for pos in range(start, start + n):
-                input_ids.append(tokens[pos])
-                positions.append(pos)
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size
-                             + pos % self.block_size)
+            input_ids += seq.token_slice(start, start + n)
+            positions += range(start, start + n)
+            slots += [seq.block_table[pos // self.block_size] * self.block_size
+                      + pos % self.block_size for pos in range(start, start + n)]
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
-            context_lens=as_tensor([s.num_computed_tokens + n for s, n in zip(seqs, counts)]),
+            context_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
             query_lens=counts, num_decodes=sum(1 for n in counts if n == 1),
             block_size=self.block_size)
         return as_tensor(input_ids), as_tensor(positions), meta

@@ -78,7 +78,7 @@ def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> Logprob
         caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                   for _ in range(cfg.num_layers)]
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
-                                 context_lens=torch.tensor([n]), query_lens=[n], num_decodes=0,
+                                 context_lens=[n], query_lens=[n], num_decodes=0,
                                  block_size=block_size)
         hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
         return torch.log_softmax(model.compute_logits(hidden), dim=-1)

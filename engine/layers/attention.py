@@ -46,13 +46,13 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor   # [num_tokens] flat cache slot of each new token
     block_tables: torch.Tensor   # [num_seqs, max_blocks] int, padded with 0
-    context_lens: torch.Tensor   # [num_seqs] tokens in the cache after this step
+    context_lens: list[int]      # per sequence: tokens in the cache after this step
     query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
     num_decodes: int             # the first num_decodes sequences have query_len 1
     block_size: int
 
     def __post_init__(self) -> None:
-        lens = self.context_lens.tolist()
+        lens = self.context_lens
         spans = _split_decodes(lens[:self.num_decodes])
         spans += [(i, i + 1) for i in range(self.num_decodes, len(lens))]
         self.groups, start = [], 0
@@ -61,7 +61,8 @@ class AttentionMetadata:
             num_blocks = -(-max(lens[first:end]) // self.block_size)
             self.groups.append(AttentionGroup(
                 start, end - first, num_queries, self.block_tables[first:end, :num_blocks],
-                _mask(self.context_lens[first:end], num_queries, num_blocks * self.block_size)))
+                _mask(torch.tensor(lens[first:end], device=self.block_tables.device), num_queries,
+                      num_blocks * self.block_size)))
             start += (end - first) * num_queries
 
 

@@ -46,7 +46,7 @@ def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype):
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(
         slot_mapping=torch.cat(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        context_lens=torch.tensor([c + n for c, n in layout]), query_lens=[n for _, n in layout],
+        context_lens=[c + n for c, n in layout], query_lens=[n for _, n in layout],
         num_decodes=3, block_size=BLOCK)
     new_k = torch.cat([k[c:] for (k, _), (c, _) in zip(seq_kv, layout)])
     new_v = torch.cat([v[c:] for (_, v), (c, _) in zip(seq_kv, layout)])
