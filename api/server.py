@@ -1,10 +1,11 @@
 """Serving the app with waitress, a multi-threaded production WSGI server.
 
 The port opens at once and `/health` answers 503 while the engine loads; a failed load
-stops the server with an error. Each streaming client holds one waitress thread for its
-whole stream, so the pool is sized well above the engine's batch. `channel_request_lookahead` lets waitress notice a client that hangs
-up while its request is still running, so its sequences are aborted.
-"""
+stops the server with an error. HTTP is served from waitress's threads while the main
+thread loads the model and then runs the engine loop until Ctrl-C or SIGTERM. Each
+streaming client holds one waitress thread for its whole stream, so the pool is sized
+well above the engine's batch. `channel_request_lookahead` lets waitress notice a client
+that hangs up while its request is still running, so its sequences are aborted."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ log = logging.getLogger("pokeserve.server")
 
 def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, port: int,
           threads: int) -> int:
-    """Serve until interrupted (Ctrl-C or SIGTERM); return the process exit status."""
+    """Serve until interrupted (Ctrl-C or SIGTERM); return the process exit status.
+
+    `load_engine` must build the engine with `start=False`: its loop then runs here, on
+    the main thread, where PyTorch's CPU thread pool is fastest (see engine.llm_engine).
+    """
     app = create_app(None, config)
     state = app.extensions["pokeserve"]
     server = create_server(app, host=host, port=port, threads=threads,
@@ -34,18 +39,24 @@ def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, po
     threading.Thread(target=server.run, name="pokeserve-http", daemon=True).start()
     log.info("listening on http://%s:%s (loading the model)", host, server.effective_port)
     try:
-        # The model loads in the main thread: torch's CPU thread pools belong to the
-        # thread that first uses them, and a pool left by a finished loader thread
-        # slowed every later step several times over.
-        state.set_engine(load_engine())
+        try:
+            state.set_engine(engine := load_engine())
+        except KeyboardInterrupt:
+            return 0
+        except Exception:   # anything at all while loading: report it and stop serving
+            log.exception("could not start the engine")
+            return 1
+        for signum in (signal.SIGINT, signal.SIGTERM):   # from now on: end the loop cleanly
+            signal.signal(signum, lambda *_: engine.shutdown())
         log.info("serving %s on http://%s:%s/v1", ", ".join(state.base_names), host,
                  server.effective_port)
-        threading.Event().wait()
-    except KeyboardInterrupt:
+        try:
+            engine.run()
+        except Exception:   # a bug in the engine loop: its requests were failed; stop serving
+            log.exception("the engine loop failed")
+            return 1
+        log.info("shut down")
         return 0
-    except Exception:   # anything at all while loading: report it and stop serving
-        log.exception("could not start the engine")
-        return 1
     finally:
         server.close()
         if state.engine is not None:

@@ -1,10 +1,18 @@
-"""The engine: one background thread owns the model; callers only enqueue and read streams.
+"""The engine: one thread owns the model and runs the loop; callers only enqueue and read streams.
 
-    caller threads ── add_request / abort ──> inbox ──> engine thread
+    caller threads ── add_request / abort ──> inbox ──> engine loop (one thread)
                                                          │ scheduler.schedule()
                                                          │ runner.execute()  (model + sampler)
                                                          │ output_processor.process()
     caller threads <── RequestStream (one per request) <─┘
+
+By default the loop runs in a background thread of its own. With `start=False` the
+caller runs it instead, with `run()`, which `pokeserve serve` does on the main thread.
+On the CPU that is worth a lot: libgomp (PyTorch's OpenMP runtime) lets the worker
+threads of a team started by any thread but the process's first one spin only briefly
+when there are as many threads as cores, so each of the thousand-odd parallel regions of
+a step pays to wake them up. On a 2-core machine a step runs 1.3x (64 sequences) to 1.6x
+(one sequence) faster on the main thread; BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: str | Path | None = None, *, progress: bool = True, **options) -> None:
+    def __init__(self, model: str | Path | None = None, *, progress: bool = True,
+                 start: bool = True, **options) -> None:
         """`model`: a Hugging Face model directory; None serves the embedded default model.
+        `start`: run the loop in a background thread; with False, call `run()` yourself.
         `options` are the fields of EngineConfig (device, dtype, block_size, ...)."""
         self.config = ecfg = EngineConfig(**options)
         self.model_dir = Path(model) if model else fetch_default_model()
@@ -71,11 +81,15 @@ class Engine:
         # Exact base copies live in host memory: the KV cache already took the GPU's spare.
         self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
         self.output_processor = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
-        self._inbox: queue.Queue = queue.Queue()
+        # SimpleQueue: its put() may be called from a signal handler (see shutdown).
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
         self._arrivals = 0
-        self._thread = threading.Thread(target=self._loop, name="pokeserve-engine", daemon=True)
-        self._thread.start()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self.run, name="pokeserve-engine", daemon=True)
+            self._thread.start()
 
     # ---- caller side (any thread) -------------------------------------------------------
 
@@ -98,8 +112,8 @@ class Engine:
         return stream
 
     def is_alive(self) -> bool:
-        """Whether the engine thread is running (False after shutdown or a fatal error)."""
-        return self._thread.is_alive()
+        """Whether the engine takes requests: False after shutdown or once its loop died."""
+        return not self._stopped.is_set()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -116,8 +130,11 @@ class Engine:
         return SamplingClient(self, checkpoint)
 
     def shutdown(self) -> None:
-        if self._thread.is_alive():
-            self._inbox.put(("stop",))
+        """Abort every open request and end the loop; waits for the engine's own thread.
+        Only enqueues when the loop runs elsewhere, so a signal handler may call it."""
+        self._stopped.set()
+        self._inbox.put(("stop",))
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -137,9 +154,10 @@ class Engine:
                 f"{params.max_tokens or 1} for the completion). Please reduce the prompt or "
                 f"max_tokens.")
 
-    # ---- engine thread -------------------------------------------------------------------
+    # ---- engine loop ---------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine loop, until `shutdown()`. The thread that calls it owns the model."""
         try:
             while self._drain_inbox(block=not self.scheduler.has_work()):
                 batch = self.scheduler.schedule()
@@ -149,6 +167,9 @@ class Engine:
             for seq, _ in list(self._requests.values()):
                 self._fail(seq, exc)
             raise
+        finally:
+            self._stopped.set()
+            self._refuse_late_arrivals()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""
@@ -212,6 +233,16 @@ class Engine:
         self.scheduler.finish(seq)
         _, stream = self._requests.pop(seq.request_id)
         stream.put(out)
+
+    def _refuse_late_arrivals(self) -> None:
+        """Answer requests that were queued while the loop was stopping."""
+        while True:
+            try:
+                msg = self._inbox.get(block=False)
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                msg[2].put(RequestOutput(msg[1].request_id, finished=True, finish_reason="abort"))
 
     def _abort_all(self) -> None:
         for request_id, (seq, _) in list(self._requests.items()):

@@ -5,6 +5,10 @@ submitted to the engine at once; the same requests through `generate` in padded 
 of 32 (each batch runs to its longest request, as a user batches with it). Also batch-1
 decode speed. Same command, same machine, for each dtype asked.
 
+The engine loop runs on the main thread and the clients on another, as in `pokeserve
+serve`; `--background-loop` measures the native client's default instead (the loop in a
+thread of its own, slower on the CPU: see engine/llm_engine.py).
+
     .venv/bin/python scripts/bench_engine.py [--dtypes float32 bfloat16] [--num-prompts 64]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import threading
 import time
 
 import torch
@@ -53,23 +58,46 @@ def bench_generate(model, requests, batch_size: int, pad_id: int) -> float:
     return useful / (time.perf_counter() - start)
 
 
-def run(dtype_name: str, num_prompts: int, model_dir) -> None:
+def measure_engine(engine: Engine, requests) -> dict[str, float]:
+    bench_engine(engine, requests[:4])                 # warm-up
+    return {"mixed": bench_engine(engine, requests),
+            "batch-1": bench_engine(engine, [(requests[0][0], 128)])}
+
+
+def measure_engine_on_main_thread(engine: Engine, requests) -> dict[str, float]:
+    """The loop on this thread, the clients on another, as `pokeserve serve` runs them."""
+    results: dict[str, float] = {}
+
+    def clients() -> None:
+        try:
+            results.update(measure_engine(engine, requests))
+        finally:
+            engine.shutdown()
+
+    threading.Thread(target=clients).start()
+    engine.run()
+    if not results:
+        raise SystemExit("the client thread failed (see above)")
+    return results
+
+
+def run(dtype_name: str, num_prompts: int, model_dir, background_loop: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
-    engine = Engine(model_dir, dtype=dtype, progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    engine = Engine(model_dir, dtype=dtype, progress=False, start=background_loop)
     requests = make_requests(num_prompts, engine.model_config.vocab_size)
-    single = [(requests[0][0], 128)]
-    bench_engine(engine, requests[:4])                 # warm-up
-    results = {
-        "mixed": (bench_engine(engine, requests), bench_generate(hf, requests, 32, 2)),
-        "batch-1": (bench_engine(engine, single), bench_generate(hf, single, 1, 2)),
-    }
-    engine.shutdown()
-    for name, (ours, theirs) in results.items():
-        print(f"{dtype_name:9s} {name:8s} pokeserve {ours:8.1f} tok/s   transformers "
-              f"{theirs:8.1f} tok/s   ratio {ours / theirs:5.2f}x", flush=True)
+    if background_loop:
+        ours = measure_engine(engine, requests)
+        engine.shutdown()
+    else:
+        ours = measure_engine_on_main_thread(engine, requests)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    theirs = {"mixed": bench_generate(hf, requests, 32, 2),
+              "batch-1": bench_generate(hf, [(requests[0][0], 128)], 1, 2)}
+    for name in ours:
+        print(f"{dtype_name:9s} {name:8s} pokeserve {ours[name]:8.1f} tok/s   transformers "
+              f"{theirs[name]:8.1f} tok/s   ratio {ours[name] / theirs[name]:5.2f}x", flush=True)
 
 
 def main() -> None:
@@ -77,12 +105,15 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--model", default=None, help="model directory (default: embedded model)")
+    parser.add_argument("--background-loop", action="store_true",
+                        help="run the engine loop in its own thread (the native client's default)")
     args = parser.parse_args()
     model_dir = args.model or fetch_default_model()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; model {model_dir}")
+          f"torch {torch.__version__}; model {model_dir}; engine loop "
+          f"{'in a background thread' if args.background_loop else 'on the main thread'}")
     for dtype_name in args.dtypes:
-        run(dtype_name, args.num_prompts, model_dir)
+        run(dtype_name, args.num_prompts, model_dir, args.background_loop)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Server:
     url: str
     checkpoint_root: Path
     log_path: Path
+    proc: subprocess.Popen
 
     @property
     def v1(self) -> str:
@@ -68,7 +69,7 @@ def running_server(model_dir: Path, tmp: Path, *options: str) -> Iterator[Server
     env = {**os.environ, "POKESERVE_API_KEY": ""}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", root, log_path)
+    srv = Server(f"http://127.0.0.1:{port}", root, log_path, proc)
     try:
         _wait_healthy(srv, proc)
         yield srv

@@ -251,3 +251,37 @@ def test_kv_cache_budget_on_cuda_is_what_the_model_leaves_of_the_utilization(mon
     assert EngineConfig(device="cuda", gpu_memory_utilization=0.2).kv_cache_bytes() == 0
     assert EngineConfig(device="cuda", kv_cache_memory=gib).kv_cache_bytes() == gib
     assert EngineConfig(device="cpu").kv_cache_bytes() == CPU_KV_CACHE_BYTES
+
+
+def test_the_caller_may_run_the_loop_on_its_own_thread(tiny_model_dirs):
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
+                 progress=False, start=False)
+    results = {}
+
+    def client_thread():
+        try:
+            client = eng.sampling_client()
+            results["greedy"] = sample(client, max_tokens=5, temperature=0.0, stop=[])
+            results["open"] = eng.add_request(PROMPT.to_ints(),
+                                              SamplingParams(max_tokens=100, stop=[]))
+        finally:
+            eng.shutdown()
+
+    threading.Thread(target=client_thread).start()
+    eng.run()                     # returns once the client thread shuts the engine down
+    assert len(results["greedy"].sequences[0].tokens) == 5
+    assert [o.finish_reason for o in results["open"]][-1] == "abort"
+    assert not eng.is_alive()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_total_blocks
+    with pytest.raises(RuntimeError, match="not running"):
+        eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+
+
+def test_a_request_queued_as_the_loop_stops_is_answered(tiny_model_dirs):
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
+                 progress=False, start=False)
+    stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+    eng._inbox.put(("stop",))     # the stop overtakes the add, as a racing shutdown may
+    eng._inbox.put(eng._inbox.get())
+    eng.run()
+    assert stream.get(timeout=5).finish_reason == "abort"
