@@ -34,15 +34,19 @@ def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) 
     return 2 * cfg.num_layers * block_size * cfg.kv_size * dtype.itemsize
 
 
+def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device | str) -> list[torch.Tensor]:
+    """One cache per layer: the k heads, then the v heads (see engine.layers.attention)."""
+    shape = (2 * cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, ecfg: EngineConfig,
                  num_blocks: int) -> None:
         self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
         self.device = torch.device(ecfg.device)
-        shape = (cfg.num_kv_heads, num_blocks, ecfg.block_size, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=ecfg.dtype, device=self.device),
-                           torch.zeros(shape, dtype=ecfg.dtype, device=self.device))
-                          for _ in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_caches(cfg, num_blocks, ecfg.block_size, ecfg.dtype, self.device)
         self.sampler = Sampler(ecfg.sampler_backend, self.device, cfg.eos_token_ids)
 
     @torch.inference_mode()

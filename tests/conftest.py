@@ -1,10 +1,20 @@
-"""Shared fixtures: the embedded default model and tiny random models for parity tests."""
+"""Shared fixtures: the embedded default model and tiny random models for parity tests.
+
+Without CUDA, the Triton kernels run through the Triton interpreter. TRITON_INTERPRET
+must be set before triton is first imported (transformers may import it too), so it is
+set here, before any test module is collected.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata
+from engine.model_runner import allocate_kv_caches
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model
 
@@ -74,9 +75,7 @@ def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> Logprob
     def logprobs(ids: list[int]) -> torch.Tensor:
         n = len(ids)
         num_blocks = -(-n // block_size)
-        shape = (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-        caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                  for _ in range(cfg.num_layers)]
+        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu")
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
                                  context_lens=[n], query_lens=[n], num_decodes=0,
                                  block_size=block_size)

@@ -1,11 +1,13 @@
 """Attention over the paged KV cache: the plain-PyTorch reference path.
 
-The cache of one layer is two tensors `[num_kv_heads, num_blocks, block_size, head_dim]`.
-A sequence's tokens live in the blocks its block table lists, in order; token `j` of a
-sequence sits in block `table[j // block_size]`, row `j % block_size`. Heads come first
-so that gathering a batch's blocks gives each head's keys contiguously, ready for a
-batched matmul without another copy. Each step first writes the new tokens' k/v into
-their slots, then every query attends to all of its sequence's cached tokens up to and
+The cache of one layer is one tensor `[2 * num_kv_heads, num_blocks, block_size, head_dim]`:
+the k heads, then the v heads, in the order the fused qkv projection produces them, so
+one copy stores a step's new k and v and one `index_select` gathers them. A sequence's
+tokens live in the blocks its block table lists, in order; token `j` of a sequence sits
+in block `table[j // block_size]`, row `j % block_size`. Heads come first so that
+gathering a batch's blocks gives each head's keys contiguously, ready for a batched
+matmul without another copy. Each step first writes the new tokens' k/v into their
+slots, then every query attends to all of its sequence's cached tokens up to and
 including its own position.
 
 Attention runs per *group*: decodes (one query each) are batched into at most two
@@ -32,7 +34,11 @@ class AttentionGroup:
     block_tables: torch.Tensor   # [num_seqs, num_blocks], enough blocks for the longest
     mask: torch.Tensor           # [num_seqs, 1, num_queries, num_blocks * block_size]
     # Gathered k and v, allocated by the first layer and refilled by every other one.
-    buffers: list[torch.Tensor] | None = None
+    kv: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.num_seqs * self.num_queries)
 
 
 @dataclass
@@ -66,15 +72,28 @@ class AttentionMetadata:
             start += (end - first) * num_queries
 
 
-def _split_decodes(lens: list[int]) -> list[tuple[int, int]]:
-    """Split decodes (sorted by context length) in two where that saves at least a
-    third of the padded keys; each group then pads only to its own longest context."""
-    n = len(lens)
-    if n < 2:
-        return [(0, n)] if n else []
-    padded = lambda i: i * lens[i - 1] + (n - i) * lens[-1]  # noqa: E731  keys gathered
-    best = min(range(1, n), key=padded)
-    return [(0, best), (best, n)] if 3 * padded(best) <= 2 * n * lens[-1] else [(0, n)]
+# A group costs about as much as gathering and attending this many padded keys (sequences
+# x key positions) more, in the per-layer ops it adds; measured on the CPU (BENCHMARKS.md).
+GROUP_COST_KEYS = 2048
+MAX_DECODE_SPLITS = 2     # halvings: at most 4 decode groups
+
+
+def _split_decodes(lens: list[int], start: int = 0, end: int | None = None,
+                   splits: int = MAX_DECODE_SPLITS) -> list[tuple[int, int]]:
+    """Spans [first, end) of the decodes, sorted by context length, attended together.
+
+    Each group pads to its own longest context, so short sequences do not gather the
+    padding of long ones; a span is halved where that saves more padded keys than a
+    group costs, and each half again, `splits` levels deep."""
+    end = len(lens) if end is None else end
+    if end - start < 2 or splits == 0:
+        return [(start, end)] if end > start else []
+    padded = lambda i: (i - start) * lens[i - 1] + (end - i) * lens[end - 1]  # noqa: E731
+    best = min(range(start + 1, end), key=padded)
+    if (end - start) * lens[end - 1] - padded(best) < GROUP_COST_KEYS:
+        return [(start, end)]
+    return (_split_decodes(lens, start, best, splits - 1)
+            + _split_decodes(lens, best, end, splits - 1))
 
 
 def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
@@ -86,67 +105,57 @@ def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.
     return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
 
 
-def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k, v: [num_tokens, num_kv_heads, head_dim]; caches viewed as [KVH, num_slots, head_dim]
-    k_cache.view(k_cache.shape[0], -1, k.shape[-1])[:, slot_mapping] = k.transpose(0, 1)
-    v_cache.view(v_cache.shape[0], -1, v.shape[-1])[:, slot_mapping] = v.transpose(0, 1)
+def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv: [num_tokens, 2 * num_kv_heads, head_dim], the k heads then the v heads."""
+    kv_cache.view(kv_cache.shape[0], -1, kv.shape[-1])[:, slot_mapping] = kv.transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
-    out = torch.empty_like(q)
-    for g in meta.groups:
-        rows = slice(g.start, g.start + g.num_seqs * g.num_queries)
-        group_q = q[rows].view(g.num_seqs, g.num_queries, *q.shape[1:])
-        out[rows] = _attend(group_q, k_cache, v_cache, g, scale).reshape(-1, *q.shape[1:])
-    return out
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] (a view is fine) -> a new tensor of that shape."""
+    outs = [_attend(q[g.rows].view(g.num_seqs, g.num_queries, *q.shape[1:]), kv_cache, g, scale)
+            .reshape(-1, *q.shape[1:]) for g in meta.groups]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            group: AttentionGroup, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup,
+            scale: float) -> torch.Tensor:
     """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
-    if group.buffers is None:
-        group.buffers = [_gather_blocks(k_cache, group.block_tables),      # [KVH, S, L, D]
-                         _gather_blocks(v_cache, group.block_tables)]
-    else:
-        _gather_blocks(k_cache, group.block_tables, out=group.buffers[0])
-        _gather_blocks(v_cache, group.block_tables, out=group.buffers[1])
-    k, v = group.buffers
-    mask = group.mask
-    q = q.transpose(1, 2)                                                   # [S, H, Q, D]
+    group.kv = _gather_blocks(kv_cache, group.block_tables, out=group.kv)    # [2 * KVH, S, L, D]
+    k, v = group.kv.chunk(2)
     # PyTorch's CPU SDPA kernel is about 3x slower than two plain matmuls for one query
     # per sequence in half precision (and faster in float32): see BENCHMARKS.md.
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] == 1:
-        out = _single_query_attention(q, k, v, mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, scale=scale, enable_gqa=True)
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[1] == 1:
+        return _single_query_attention(q[:, 0], k, v, group.mask, scale).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=group.mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)                                              # [S, Q, H, D]
 
 
 def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sequence's blocks, in order: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim].
+    """Each sequence's blocks, in order: [cache heads, num_seqs, num_blocks * block_size, head_dim].
 
     index_select copies whole blocks; on the CPU it is 1.5x (float32) to 4x (bfloat16)
     faster than the equivalent advanced indexing `cache[:, block_tables]`.
     """
     num_seqs, num_blocks = block_tables.shape
-    kvh, _, block_size, head_dim = cache.shape
-    picked = torch.index_select(cache, 1, block_tables.flatten(),          # [KVH, S * nb, BS, D]
-                                out=None if out is None else out.view(kvh, -1, block_size, head_dim))
-    return picked.view(kvh, num_seqs, num_blocks * block_size, head_dim)
+    heads, _, block_size, head_dim = cache.shape
+    picked = torch.index_select(cache, 1, block_tables.flatten(),           # [heads, S * nb, BS, D]
+                                out=None if out is None else out.view(heads, -1, block_size, head_dim))
+    return picked.view(heads, num_seqs, num_blocks * block_size, head_dim)
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA's math written out for q: [S, H, 1, D], k and v: [KVH, S, L, D]."""
-    num_seqs, num_heads, _, head_dim = q.shape
+    """SDPA's math written out for q: [S, H, D], k and v: [KVH, S, L, D] -> [S, H, D].
+
+    As in transformers' eager attention, the scores stay in q's dtype and the softmax
+    accumulates in float32."""
+    num_seqs, num_heads, head_dim = q.shape
     # Query heads grouped by the kv head they share (head h uses kv head h // G): [KVH, S, G, D]
-    q = q.reshape(num_seqs, k.shape[0], -1, head_dim).transpose(0, 1)
-    scores = (q @ k.transpose(-1, -2)).float() * scale                      # [KVH, S, G, L]
-    scores.masked_fill_(~mask.transpose(0, 1), float("-inf"))               # mask: [1, S, 1, L]
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return (probs @ v).transpose(0, 1).reshape(num_seqs, num_heads, 1, head_dim)
+    q = (q * scale).reshape(num_seqs, k.shape[0], -1, head_dim).transpose(0, 1)
+    scores = q @ k.transpose(-1, -2)                                        # [KVH, S, G, L]
+    scores.masked_fill_(~mask.transpose(0, 1), float("-inf"))               # mask: [S, 1, 1, L]
+    out = scores.softmax(dim=-1) @ v                                        # [KVH, S, G, D]
+    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)

@@ -36,7 +36,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k given each token's absolute position."""
+    """The cos/sin tables of RoPE, looked up by each token's absolute position."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -57,13 +57,19 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).repeat(1, 1, 2).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).repeat(1, 1, 2).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `apply_rotary_`: [num_tokens, 1, head_dim] each, in `dtype`.
+
+        Built once per step; sin has its first half negated, which turns Hugging Face's
+        `x * cos + rotate_half(x) * sin` into `x * cos + swap_halves(x) * sin`."""
+        cos, sin = self.cos[positions], self.sin[positions]                # [T, head_dim // 2]
+        return (torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype),
+                torch.cat((-sin, sin), dim=-1).unsqueeze(1).to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x: [num_tokens, num_heads, head_dim] in place; x may be a view, such as
+    the q and k heads of the fused qkv projection's output, rotated together."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    x.mul_(cos).addcmul_(swapped, sin)

@@ -16,7 +16,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import RotaryEmbedding, apply_rotary_
 
 # Hugging Face module -> (fused module, index of its shard inside the fused one).
 PACKED_MODULES = {
@@ -36,18 +36,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, positions, rotary, kv_cache, meta: AttentionMetadata):
-        cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)       # [T, H, D]
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)    # [T, KVH, D]
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cfg, h, kvh = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, cfg.head_dim)   # [T, H + 2 * KVH, D]: q, k, v heads
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+            qkv[:, :h] = self.q_norm(qkv[:, :h])
+            qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
+        apply_rotary_(qkv[:, :h + kvh], *rope)                        # q and k at once, in place
+        store_kv(kv_cache, qkv[:, h:], meta.slot_mapping)
+        out = paged_attention(qkv[:, :h], kv_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
 
@@ -70,8 +68,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -92,12 +90,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
