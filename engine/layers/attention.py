@@ -123,9 +123,9 @@ def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup,
     """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
     group.kv = _gather_blocks(kv_cache, group.block_tables, out=group.kv)    # [2 * KVH, S, L, D]
     k, v = group.kv.chunk(2)
-    # PyTorch's CPU SDPA kernel is about 3x slower than two plain matmuls for one query
-    # per sequence in half precision (and faster in float32): see BENCHMARKS.md.
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[1] == 1:
+    # For one query per sequence, PyTorch's CPU SDPA kernel is about 3x slower than two
+    # plain matmuls in half precision, and a little slower in float32: see BENCHMARKS.md.
+    if q.device.type == "cpu" and q.shape[1] == 1:
         return _single_query_attention(q[:, 0], k, v, group.mask, scale).unsqueeze(1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=group.mask, scale=scale, enable_gqa=True)
