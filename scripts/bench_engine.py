@@ -19,11 +19,15 @@ import platform
 import random
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
 from engine.default_model import fetch_default_model
+
+T = TypeVar("T")
 
 
 def make_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -64,21 +68,22 @@ def measure_engine(engine: Engine, requests) -> dict[str, float]:
             "batch-1": bench_engine(engine, [(requests[0][0], 128)])}
 
 
-def measure_engine_on_main_thread(engine: Engine, requests) -> dict[str, float]:
-    """The loop on this thread, the clients on another, as `pokeserve serve` runs them."""
-    results: dict[str, float] = {}
+def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
+    """`clients()` on another thread while the engine loop runs on this one, as `pokeserve
+    serve` runs them; the engine is shut down after."""
+    results: list[T] = []
 
-    def clients() -> None:
+    def client_thread() -> None:
         try:
-            results.update(measure_engine(engine, requests))
+            results.append(clients())
         finally:
             engine.shutdown()
 
-    threading.Thread(target=clients).start()
+    threading.Thread(target=client_thread).start()
     engine.run()
     if not results:
         raise SystemExit("the client thread failed (see above)")
-    return results
+    return results[0]
 
 
 def run(dtype_name: str, num_prompts: int, model_dir, background_loop: bool) -> None:
@@ -91,7 +96,7 @@ def run(dtype_name: str, num_prompts: int, model_dir, background_loop: bool) -> 
         ours = measure_engine(engine, requests)
         engine.shutdown()
     else:
-        ours = measure_engine_on_main_thread(engine, requests)
+        ours = with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
               "batch-1": bench_generate(hf, [(requests[0][0], 128)], 1, 2)}

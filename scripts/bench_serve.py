@@ -2,7 +2,7 @@
 
 The 32-request set of bench_engine.py (random prompts of 16-256 tokens, max_tokens in
 [8, 200], EOS ignored) runs twice: first offline, all submitted at once to an in-process
-engine; then through `pokeserve serve` in its own process, every request a concurrent
+engine whose loop runs on the main thread, as the server's does; then through `pokeserve serve` in its own process, every request a concurrent
 streaming /v1/completions client. Prints aggregate useful tokens/s of each, the HTTP
 run's time to first token (p50/p95), and the ratio HTTP / offline.
 
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_engine import bench_engine, make_requests  # noqa: E402
+from bench_engine import bench_engine, make_requests, with_loop_on_main_thread  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.default_model import fetch_default_model  # noqa: E402
 
@@ -98,11 +98,14 @@ def main() -> None:
     print(f"machine: {device_name}; {args.device} {args.dtype}; model {args.model_dir.name}")
 
     engine = Engine(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
-                    progress=False)
+                    progress=False, start=False)
     reqs = make_requests(args.num_prompts, engine.model_config.vocab_size)
-    bench_engine(engine, reqs[:4])   # warm-up
-    offline = bench_engine(engine, reqs)
-    engine.shutdown()
+
+    def offline_clients() -> float:
+        bench_engine(engine, reqs[:4])   # warm-up
+        return bench_engine(engine, reqs)
+
+    offline = with_loop_on_main_thread(engine, offline_clients)   # as the server runs it
     del engine
 
     port = free_port()
