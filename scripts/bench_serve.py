@@ -2,9 +2,10 @@
 
 The 32-request set of bench_engine.py (random prompts of 16-256 tokens, max_tokens in
 [8, 200], EOS ignored) runs twice: first offline, all submitted at once to an in-process
-engine whose loop runs on the main thread, as the server's does; then through `pokeserve serve` in its own process, every request a concurrent
-streaming /v1/completions client. Prints aggregate useful tokens/s of each, the HTTP
-run's time to first token (p50/p95), and the ratio HTTP / offline.
+engine whose loop runs on the main thread, as the server's does; then through `pokeserve
+serve` in its own process, every request a concurrent streaming /v1/completions client.
+Prints aggregate useful tokens/s of each, the HTTP run's time to first token (p50/p95),
+and the ratio HTTP / offline.
 
     .venv/bin/python scripts/bench_serve.py [--num-prompts 32] [--device cpu] [--dtype float32]
 """

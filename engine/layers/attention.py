@@ -141,8 +141,9 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
     """
     num_seqs, num_blocks = block_tables.shape
     heads, _, block_size, head_dim = cache.shape
-    picked = torch.index_select(cache, 1, block_tables.flatten(),           # [heads, S * nb, BS, D]
-                                out=None if out is None else out.view(heads, -1, block_size, head_dim))
+    if out is not None:
+        out = out.view(heads, -1, block_size, head_dim)
+    picked = torch.index_select(cache, 1, block_tables.flatten(), out=out)  # [heads, S * nb, BS, D]
     return picked.view(heads, num_seqs, num_blocks * block_size, head_dim)
 
 

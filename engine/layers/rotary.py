@@ -57,7 +57,8 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `apply_rotary_`: [num_tokens, 1, head_dim] each, in `dtype`.
 
         Built once per step; sin has its first half negated, which turns Hugging Face's

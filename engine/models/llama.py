@@ -40,7 +40,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cfg, h, kvh = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, cfg.head_dim)   # [T, H + 2 * KVH, D]: q, k, v heads
+        # [T, H + 2 * KVH, D]: the q heads, then the k heads, then the v heads
+        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, cfg.head_dim)
         if cfg.qk_norm:
             qkv[:, :h] = self.q_norm(qkv[:, :h])
             qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
