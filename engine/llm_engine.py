@@ -21,6 +21,7 @@ import queue
 import random
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,8 +131,8 @@ class Engine:
         return SamplingClient(self, checkpoint)
 
     def shutdown(self) -> None:
-        """Abort every open request and end the loop; waits for the engine's own thread.
-        Only enqueues when the loop runs elsewhere, so a signal handler may call it."""
+        """Abort every open request and end the loop. Waits only for the engine's own
+        thread, so a signal handler on the thread that runs the loop may call it."""
         self._stopped.set()
         self._inbox.put(("stop",))
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -173,12 +174,7 @@ class Engine:
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""
-        while True:
-            try:
-                msg = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
+        for msg in self._queued(block):
             if msg[0] == "stop":
                 self._abort_all()
                 return False
@@ -187,6 +183,17 @@ class Engine:
             elif msg[0] == "abort" and msg[1] in self._requests:
                 self._end(self._requests[msg[1]][0],
                           RequestOutput(msg[1], finished=True, finish_reason="abort"))
+        return True
+
+    def _queued(self, block: bool) -> Iterator[tuple]:
+        """Queued messages, oldest first, until the inbox is empty; with `block`, waits
+        for the first."""
+        while True:
+            try:
+                yield self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
 
     def _add(self, seq: Sequence, stream: RequestStream) -> None:
         if seq.request_id in self._requests:
@@ -236,11 +243,7 @@ class Engine:
 
     def _refuse_late_arrivals(self) -> None:
         """Answer requests that were queued while the loop was stopping."""
-        while True:
-            try:
-                msg = self._inbox.get(block=False)
-            except queue.Empty:
-                return
+        for msg in self._queued(block=False):
             if msg[0] == "add":
                 msg[2].put(RequestOutput(msg[1].request_id, finished=True, finish_reason="abort"))
 
