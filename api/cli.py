@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from engine.default_model import FetchError, fetch_default_model, pokeserve_home
-from engine.reasoning import REASONING_EFFORTS, REASONING_FORMATS
+from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
+from engine.text.reasoning import REASONING_EFFORTS, REASONING_FORMATS
 
 API_KEY_ENV = "POKESERVE_API_KEY"
 _EFFORTS = ", ".join(f"{name}={value}" for name, value in REASONING_EFFORTS.items())

@@ -12,7 +12,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from engine.checkpoint_errors import CheckpointIncomplete, CheckpointNotFound
+from engine.checkpoints.errors import CheckpointIncomplete, CheckpointNotFound
 
 log = logging.getLogger("pokeserve.api")
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.errors import APIError
 from engine import SamplingParams
-from engine.reasoning import parse_reasoning_effort
+from engine.text.reasoning import parse_reasoning_effort
 
 MAX_LOGPROBS = 20
 

@@ -14,8 +14,8 @@ from api.errors import APIError, engine_error
 from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
-from engine.checkpoint_errors import CheckpointError
-from engine.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
+from engine.checkpoints.errors import CheckpointError
+from engine.text.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
 from engine.sampling_params import SamplingParams
 
 

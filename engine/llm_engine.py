@@ -29,19 +29,19 @@ import torch
 import xxhash
 
 from engine.block_manager import BlockManager
-from engine.checkpoints import CheckpointStore
+from engine.checkpoints.store import CheckpointStore
 from engine.client import SamplingClient
 from engine.config import EngineConfig, ModelConfig
-from engine.default_model import fetch_default_model
-from engine.lora_manager import LoraManager
+from engine.models.default_model import fetch_default_model
+from engine.checkpoints.merge import LoraManager
 from engine.model_runner import ModelRunner, kv_cache_block_bytes
 from engine.models.loader import load_model
-from engine.output_processor import OutputProcessor
+from engine.text.output_processor import OutputProcessor
 from engine.outputs import RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.reasoning import ReasoningFormat
+from engine.text.reasoning import ReasoningFormat
 
 
 @dataclass

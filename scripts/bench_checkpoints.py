@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams
-from engine.default_model import fetch_default_model
-from engine.lora_manager import LoraManager
+from engine.models.default_model import fetch_default_model
+from engine.checkpoints.merge import LoraManager
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN = "bench:train:0"

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
-from engine.default_model import fetch_default_model
+from engine.models.default_model import fetch_default_model
 
 T = TypeVar("T")
 

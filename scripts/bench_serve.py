@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import bench_engine, make_requests, with_loop_on_main_thread  # noqa: E402
 from engine import Engine  # noqa: E402
-from engine.default_model import fetch_default_model  # noqa: E402
+from engine.models.default_model import fetch_default_model  # noqa: E402
 
 
 def stream_one(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, int]:

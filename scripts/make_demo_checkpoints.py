@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.default_model import fetch_default_model, pokeserve_home
+from engine.models.default_model import fetch_default_model, pokeserve_home
 
 TEMPLATE_PATH = Path(__file__).with_name("demo_chat_template.jinja")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from engine.default_model import fetch_default_model
+    from engine.models.default_model import fetch_default_model
 
     return fetch_default_model(log=lambda msg: None)
 

@@ -13,7 +13,7 @@ from api.chat import render_prompt
 from api.errors import APIError
 from api.sse import DONE, sse_response
 from api.state import ServerConfig
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 2}
 

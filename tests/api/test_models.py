@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.api.conftest import MODEL
-from tests.lora_helpers import save_peft_adapter
-from tests.test_tokenizer import QWEN3_STYLE_TEMPLATE
+from tests.engine.checkpoints.helpers import save_peft_adapter
+from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
 
 pytestmark = pytest.mark.model
 

@@ -25,10 +25,10 @@ from api.cli import build_parser
 from api.protocol import ChatCompletionRequest
 from api.state import ServerConfig
 from engine import RequestOutput
-from engine.reasoning import THINK_TAGS, ReasoningSplitter
+from engine.text.reasoning import THINK_TAGS, ReasoningSplitter
 from scripts.make_demo_checkpoints import parse_args as demo_args
 from tests.api.conftest import API_KEY, MODEL, running_server
-from tests.lora_helpers import save_peft_adapter
+from tests.engine.checkpoints.helpers import save_peft_adapter
 
 pytestmark = pytest.mark.model
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
-from engine.checkpoints import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
+from engine.checkpoints.store import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
                                 CheckpointNotFound)
-from tests.lora_helpers import ALL_LINEAR, greedy, peft_logprobs_fn, save_peft_adapter
+from tests.engine.checkpoints.helpers import ALL_LINEAR, greedy, peft_logprobs_fn, save_peft_adapter
 
 FAMILY = "llama3-rope-scaling"   # tied embeddings: head and embedding adapters untie them
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"

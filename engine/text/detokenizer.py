@@ -16,7 +16,7 @@ tokens, not the whole sequence.
 
 from __future__ import annotations
 
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 # Prompt tokens before the output kept as decoding context (vLLM uses the same 5).
 _PROMPT_CONTEXT_TOKENS = 5

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.model
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint_errors import CheckpointInvalid
+from engine.checkpoints.errors import CheckpointInvalid
 from engine.config import ModelConfig
-from engine.lora import inspect_adapter, load_adapter
-from engine.lora_manager import LoraManager
-from tests.lora_helpers import (ALL_LINEAR, engine_logprobs_fn, greedy, load_engine_model,
+from engine.checkpoints.adapter import inspect_adapter, load_adapter
+from engine.checkpoints.merge import LoraManager
+from tests.engine.checkpoints.helpers import (ALL_LINEAR, engine_logprobs_fn, greedy, load_engine_model,
                                 peft_logprobs_fn, save_peft_adapter, to_training_service_layout,
                                 write_adapter)
 

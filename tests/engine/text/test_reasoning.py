@@ -16,12 +16,12 @@ from pathlib import Path
 import jinja2.sandbox
 import pytest
 
-from engine.reasoning import (REASONING_EFFORTS, THINK_TAGS, ReasoningSplitter,
+from engine.text.reasoning import (REASONING_EFFORTS, THINK_TAGS, ReasoningSplitter,
                               detect_reasoning_format, parse_reasoning_effort,
                               prompt_opens_trace, reasoning_format_by_name, split_reasoning,
                               thinking_budget)
 
-DEMO_TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "demo_chat_template.jinja"
+DEMO_TEMPLATE = Path(__file__).resolve().parents[3] / "scripts" / "demo_chat_template.jinja"
 
 OPEN = "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 CLOSED = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

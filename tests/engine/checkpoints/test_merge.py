@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
-import engine.lora_manager as lora_manager
-from engine.checkpoint_errors import CheckpointInvalid
+import engine.checkpoints.merge as lora_manager
+from engine.checkpoints.errors import CheckpointInvalid
 from engine.config import ModelConfig
-from engine.lora import load_adapter
-from engine.lora_manager import AdapterCache, LoraManager
+from engine.checkpoints.adapter import load_adapter
+from engine.checkpoints.merge import AdapterCache, LoraManager
 from engine.models.loader import load_model
-from tests.lora_helpers import ALL_LINEAR, engine_logprobs_fn, load_engine_model, save_peft_adapter
+from tests.engine.checkpoints.helpers import ALL_LINEAR, engine_logprobs_fn, load_engine_model, save_peft_adapter
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 TIED = "llama3-rope-scaling"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
-from engine.reasoning import THINK_TAGS
+from engine.text.reasoning import THINK_TAGS
 
 PROMPT = [5, 6, 7, 8]
 

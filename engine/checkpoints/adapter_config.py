@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoint_errors import CheckpointInvalid
+from engine.checkpoints.errors import CheckpointInvalid
 
 CONFIG_FILE = "adapter_config.json"
 LAYER_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",

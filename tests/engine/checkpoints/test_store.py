@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
+from engine.checkpoints.store import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
                                 CheckpointNotFound, CheckpointStore)
 from engine.config import ModelConfig
-from tests.lora_helpers import save_peft_adapter
+from tests.engine.checkpoints.helpers import save_peft_adapter
 
 BASE = "llama-gqa-untied"
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"

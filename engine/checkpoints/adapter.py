@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.checkpoint_errors import CheckpointInvalid
+from engine.checkpoints.errors import CheckpointInvalid
 from engine.config import ModelConfig
-from engine.lora_config import LAYER_MODULES, MOE_MODULES, AdapterConfig
+from engine.checkpoints.adapter_config import LAYER_MODULES, MOE_MODULES, AdapterConfig
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint_errors import CheckpointInvalid
-from engine.lora import PICKLE_FILE, SAFETENSORS_FILE, LoraAdapter, LoraModule, load_adapter
+from engine.checkpoints.errors import CheckpointInvalid
+from engine.checkpoints.adapter import PICKLE_FILE, SAFETENSORS_FILE, LoraAdapter, LoraModule, load_adapter
 from engine.models.llama import LlamaForCausalLM
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.stop_checker import StopChecker
+from engine.text.stop_checker import StopChecker
 
 
 def run(stops: list[str], pieces: list[str], include: bool = False) -> tuple[list[str], str | None]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import default_model
+from engine.models import default_model
 
 
 @pytest.mark.model
