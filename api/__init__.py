@@ -5,6 +5,6 @@
 
 
 def create_app(engine=None, config=None):
-    from api.app import create_app as _create_app   # lazily: the CLI imports this package
+    from api.app import create_app as _create_app  # lazily: the CLI imports this package
 
     return _create_app(engine, config)

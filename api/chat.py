@@ -27,7 +27,12 @@ from api.protocol import ChatCompletionRequest
 from api.sse import sse_response
 from api.state import Accepted, accept, server_state
 from engine import RequestOutput, SamplingParams
-from engine.text.reasoning import ReasoningFormat, ReasoningSplitter, prompt_opens_trace, thinking_budget
+from engine.text.reasoning import (
+    ReasoningFormat,
+    ReasoningSplitter,
+    prompt_opens_trace,
+    thinking_budget,
+)
 
 bp = Blueprint("chat", __name__)
 

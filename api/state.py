@@ -15,8 +15,8 @@ from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
 from engine.checkpoints.errors import CheckpointError
-from engine.text.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
 from engine.sampling_params import SamplingParams
+from engine.text.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
 
 
 @dataclass(frozen=True)

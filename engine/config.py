@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
+class LoraTarget:
+    """A module a LoRA adapter may adapt: the shape of its delta `B @ A`, [out, in]."""
+
+    out_features: int
+    in_features: int     # for the input embedding: the vocabulary (A is a lookup table)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The architecture facts the handwritten model needs, read from `config.json`."""
+    """The architecture facts every family shares, read from `config.json`.
+
+    A family with more (experts, layer types) subclasses it and extends `from_dict`;
+    `engine.models.registry.load_model_config` picks the family by `model_type`."""
 
     model_type: str
     vocab_size: int
@@ -42,19 +50,13 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        model_dir = Path(model_dir)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        gen_path = model_dir / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        return cls.from_dict(cfg, gen)
-
-    @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> "ModelConfig":
+        """`cfg`: config.json; `generation_config`: generation_config.json (its EOS wins)."""
+        return cls(**cls.common_fields(cfg, generation_config))
+
+    @staticmethod
+    def common_fields(cfg: dict, generation_config: dict | None = None) -> dict:
         model_type = cfg.get("model_type", "")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r}; "
-                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         num_heads = cfg["num_attention_heads"]
         # transformers >= 5 nests rope settings under `rope_parameters`; older configs
         # keep `rope_theta` and `rope_scaling` at the top level.
@@ -63,7 +65,7 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         eos = (generation_config or {}).get("eos_token_id", cfg.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
+        return dict(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

@@ -25,22 +25,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import xxhash
 
 from engine.block_manager import BlockManager
+from engine.checkpoints.merge import LoraManager
 from engine.checkpoints.store import CheckpointStore
 from engine.client import SamplingClient
-from engine.config import EngineConfig, ModelConfig
-from engine.models.default_model import fetch_default_model
-from engine.checkpoints.merge import LoraManager
+from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, kv_cache_block_bytes
+from engine.models.default_model import fetch_default_model
 from engine.models.loader import load_model
-from engine.text.output_processor import OutputProcessor
+from engine.models.registry import load_model_config
 from engine.outputs import RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
+from engine.text.output_processor import OutputProcessor
 from engine.text.tokenizer import Tokenizer
 
 
@@ -63,7 +63,7 @@ class Engine:
         self.config = ecfg = EngineConfig(**options)
         self.model_dir = Path(model) if model else fetch_default_model()
         self.model_name = self.model_dir.name
-        self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
+        self.model_config = cfg = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         model = load_model(self.model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
         num_blocks = ecfg.num_kv_blocks or (

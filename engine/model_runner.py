@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from engine.config import EngineConfig, ModelConfig
 from engine.layers.attention import AttentionMetadata
-from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TopLogprobs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -42,7 +42,7 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, ecfg: EngineConfig,
+    def __init__(self, model: nn.Module, cfg: ModelConfig, ecfg: EngineConfig,
                  num_blocks: int) -> None:
         self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
         self.device = torch.device(ecfg.device)

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams
-from engine.models.default_model import fetch_default_model
 from engine.checkpoints.merge import LoraManager
+from engine.models.default_model import fetch_default_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN = "bench:train:0"

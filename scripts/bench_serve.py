@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import bench_engine, make_requests, with_loop_on_main_thread  # noqa: E402
+
 from engine import Engine  # noqa: E402
 from engine.models.default_model import fetch_default_model  # noqa: E402
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from engine.checkpoints.adapter_config import MOE_MODULES, AdapterConfig
 from engine.checkpoints.errors import CheckpointInvalid
-from engine.config import ModelConfig
-from engine.checkpoints.adapter_config import LAYER_MODULES, MOE_MODULES, AdapterConfig
+from engine.config import LoraTarget, ModelConfig
+from engine.models.registry import lora_targets
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -38,7 +39,7 @@ LM_HEAD, EMBEDDING = "lm_head", "model.embed_tokens"
 MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
-_LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<leaf>\w+)$")
+_LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def _check_finite(modules: list[LoraModule]) -> None:
 def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
           cfg: ModelConfig) -> dict[str, tuple[str, str, float]]:
     """Served module name -> (A key, B key, scale), after checking every tensor's name and shape."""
+    targets = lora_targets(cfg)
+    _check_target_modules(config, targets, cfg)
     factors: dict[str, dict[str, str]] = {}
     for key in shapes:
         match = _KEY.match(key)
@@ -120,13 +123,13 @@ def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
         raise CheckpointInvalid("the adapter holds no LoRA tensors")
     plan = {}
     for name, keys in factors.items():
-        module = _served_module(name, cfg)
+        module = _served_module(name, targets, cfg)
         if set(keys) != {"A", "B"}:
             raise CheckpointInvalid(f"{name}: lora_{'B' if 'A' in keys else 'A'} is missing")
         if module in plan:
             raise CheckpointInvalid(f"{name}: {module} is adapted twice")
         a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
-        out_dim, in_dim = _module_dims(module, cfg)
+        out_dim, in_dim = targets[module].out_features, targets[module].in_features
         rank = a_shape[0] if a_shape else 0
         if a_shape != (rank, in_dim) or b_shape != (out_dim, rank) or rank == 0:
             raise CheckpointInvalid(
@@ -136,35 +139,33 @@ def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
     return plan
 
 
-def _served_module(name: str, cfg: ModelConfig) -> str:
+def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) -> str:
     """The served model's module for an adapter's module name; refuses what we cannot merge."""
     leaf = name.rsplit(".", 1)[-1]
     if ".experts." in name or leaf in MOE_MODULES:
         raise CheckpointInvalid(f"{name}: MoE expert adapters are not supported "
                                 "(this engine serves dense models only)")
     name = MODULE_ALIASES.get(name, name)
-    if name in (LM_HEAD, EMBEDDING):
+    if name in targets:
         return name
     match = _LAYER.match(name)
-    if not match or LAYER_MODULES.get(match["leaf"]) != match["parent"]:
-        raise CheckpointInvalid(f"{name}: unknown target module for a {cfg.model_type} model")
-    if int(match["layer"]) >= cfg.num_layers:
+    if match and int(match["layer"]) >= cfg.num_layers:
         raise CheckpointInvalid(f"{name}: layer {match['layer']} does not exist "
                                 f"(the base model has {cfg.num_layers} layers)")
-    return name
+    raise CheckpointInvalid(f"{name}: unknown target module for a {cfg.model_type} model")
 
 
-def _module_dims(module: str, cfg: ModelConfig) -> tuple[int, int]:
-    """(out, in) of a served module's LoRA delta; the embedding's `in` is the vocabulary."""
-    if module == LM_HEAD:
-        return cfg.vocab_size, cfg.hidden_size
-    if module == EMBEDDING:
-        return cfg.hidden_size, cfg.vocab_size
-    mlp = cfg.intermediate_size
-    return {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
-            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
-            "gate_proj": (mlp, cfg.hidden_size), "up_proj": (mlp, cfg.hidden_size),
-            "down_proj": (cfg.hidden_size, mlp)}[module.rsplit(".", 1)[-1]]
+def _check_target_modules(config: AdapterConfig, targets: dict[str, LoraTarget],
+                          cfg: ModelConfig) -> None:
+    """`target_modules` as a list names module leaves (PEFT matches them against the end
+    of module names); each must be one this model has."""
+    if not isinstance(config.target_modules, list):
+        return
+    known = {name.rsplit(".", 1)[-1] for name in [*targets, *MODULE_ALIASES]} | set(MOE_MODULES)
+    for target in config.target_modules:
+        if str(target).rsplit(".", 1)[-1] not in known:
+            raise CheckpointInvalid(f"unknown target module {target!r} (a {cfg.model_type} "
+                                    f"model adapts {', '.join(sorted(known))})")
 
 
 @dataclass(frozen=True)

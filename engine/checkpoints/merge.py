@@ -22,9 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoints.adapter import (
+    PICKLE_FILE,
+    SAFETENSORS_FILE,
+    LoraAdapter,
+    LoraModule,
+    load_adapter,
+)
 from engine.checkpoints.errors import CheckpointInvalid
-from engine.checkpoints.adapter import PICKLE_FILE, SAFETENSORS_FILE, LoraAdapter, LoraModule, load_adapter
-from engine.models.llama import LlamaForCausalLM
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
 # (resolved directory, inode, mtime_ns, size of its weights file): a rewritten checkpoint is a new one.
@@ -60,7 +65,7 @@ class AdapterCache:
 
 
 class LoraManager:
-    def __init__(self, model: LlamaForCausalLM, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
+    def __init__(self, model: nn.Module, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
                  backup_device: str | torch.device | None = None) -> None:
         """`cache_bytes` bounds the cached adapter factors (float32 on the model's device);
         `backup_device` holds the exact base copies (default: the model's device)."""

@@ -18,11 +18,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoints.errors import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
-                                      CheckpointNotFound)
-from engine.config import ModelConfig
 from engine.checkpoints.adapter import PICKLE_FILE, SAFETENSORS_FILE, inspect_adapter
 from engine.checkpoints.adapter_config import CONFIG_FILE, AdapterConfig
+from engine.checkpoints.errors import (
+    CheckpointError,
+    CheckpointIncomplete,
+    CheckpointInvalid,
+    CheckpointNotFound,
+)
+from engine.config import ModelConfig
 
 __all__ = ["CheckpointStore", "CheckpointInfo", "CheckpointError", "CheckpointNotFound",
            "CheckpointIncomplete", "CheckpointInvalid"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import LoraTarget, ModelConfig
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -76,6 +76,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    config_class = ModelConfig
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -103,6 +105,16 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         return self.lm_head(hidden).float()
+
+    @staticmethod
+    def lora_targets(cfg: ModelConfig) -> dict[str, LoraTarget]:
+        """The projections of every layer, by Hugging Face name (see engine.models.registry)."""
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        per_layer = {"self_attn.q_proj": (cfg.q_size, h), "self_attn.k_proj": (cfg.kv_size, h),
+                     "self_attn.v_proj": (cfg.kv_size, h), "self_attn.o_proj": (h, cfg.q_size),
+                     "mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
+        return {f"model.layers.{i}.{name}": LoraTarget(*dims)
+                for i in range(cfg.num_layers) for name, dims in per_layer.items()}
 
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
+from engine.models.registry import model_class
 
 # Hugging Face keeps these buffers in some checkpoints; we recompute them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
-               dtype: torch.dtype, progress: bool = True) -> LlamaForCausalLM:
+               dtype: torch.dtype, progress: bool = True) -> nn.Module:
     # Built on the meta device: no time is spent on a random init that loading overwrites.
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg.model_type)(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     model.rotary.reset_cache()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.text.detokenizer import IncrementalDetokenizer
 from engine.model_runner import SeqStepResult
 from engine.outputs import RequestOutput
-from engine.text.reasoning import ReasoningSplitter
 from engine.sequence import Sequence
+from engine.text.detokenizer import IncrementalDetokenizer
+from engine.text.reasoning import ReasoningSplitter
 from engine.text.stop_checker import StopChecker
 from engine.text.tokenizer import Tokenizer
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata
 from engine.model_runner import allocate_kv_caches
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model
+from engine.models.registry import load_model_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LogprobsFn = Callable[[list[int]], torch.Tensor]   # token ids -> logprobs [len, vocab]
@@ -63,7 +63,7 @@ def peft_logprobs_fn(model_dir: Path, adapter_dir: Path | None) -> LogprobsFn:
 
 
 def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
-    return load_model(model_dir, ModelConfig.from_dir(model_dir), "cpu", torch.float32, progress=False)
+    return load_model(model_dir, load_model_config(model_dir), "cpu", torch.float32, progress=False)
 
 
 def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> LogprobsFn:

@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoints.errors import CheckpointInvalid
-from engine.config import ModelConfig
 from engine.checkpoints.adapter import inspect_adapter, load_adapter
+from engine.checkpoints.errors import CheckpointInvalid
 from engine.checkpoints.merge import LoraManager
-from tests.engine.checkpoints.helpers import (ALL_LINEAR, engine_logprobs_fn, greedy, load_engine_model,
-                                peft_logprobs_fn, save_peft_adapter, to_training_service_layout,
-                                write_adapter)
+from engine.config import ModelConfig
+from engine.models.registry import load_model_config
+from tests.engine.checkpoints.helpers import (
+    ALL_LINEAR,
+    engine_logprobs_fn,
+    greedy,
+    load_engine_model,
+    peft_logprobs_fn,
+    save_peft_adapter,
+    to_training_service_layout,
+    write_adapter,
+)
 
 PROMPT = [5, 17, 42, 99, 7, 23, 61, 130, 8, 77, 3, 54]
 TOLERANCE = 1e-4
@@ -97,7 +105,7 @@ def test_merged_adapter_matches_peft_on_the_default_model(default_model_dir, tmp
 
 @pytest.fixture
 def llama_cfg(tiny_model_dirs) -> ModelConfig:
-    return ModelConfig.from_dir(tiny_model_dirs["llama-gqa-untied"])
+    return load_model_config(tiny_model_dirs["llama-gqa-untied"])
 
 
 def factors(cfg: ModelConfig, module: str, out_dim: int, in_dim: int, r: int = 4) -> dict:

@@ -8,12 +8,17 @@ import pytest
 import torch
 
 import engine.checkpoints.merge as lora_manager
-from engine.checkpoints.errors import CheckpointInvalid
-from engine.config import ModelConfig
 from engine.checkpoints.adapter import load_adapter
+from engine.checkpoints.errors import CheckpointInvalid
 from engine.checkpoints.merge import AdapterCache, LoraManager
 from engine.models.loader import load_model
-from tests.engine.checkpoints.helpers import ALL_LINEAR, engine_logprobs_fn, load_engine_model, save_peft_adapter
+from engine.models.registry import load_model_config
+from tests.engine.checkpoints.helpers import (
+    ALL_LINEAR,
+    engine_logprobs_fn,
+    load_engine_model,
+    save_peft_adapter,
+)
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 TIED = "llama3-rope-scaling"
@@ -146,7 +151,7 @@ def test_an_adapter_larger_than_the_cache_is_not_cached():
 
 def test_bfloat16_weights_get_the_float32_merge_cast_once(tiny_model_dirs, tmp_path):
     model_dir = tiny_model_dirs["llama-gqa-untied"]
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = load_model_config(model_dir)
     model = load_model(model_dir, cfg, "cpu", torch.bfloat16, progress=False)
     adapter_dir = save_peft_adapter(model_dir, tmp_path / "a", targets=["k_proj", "lm_head"])
     base = weights(model)

@@ -14,8 +14,12 @@ import pytest
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
-from engine.checkpoints.store import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
-                                CheckpointNotFound)
+from engine.checkpoints.store import (
+    CheckpointError,
+    CheckpointIncomplete,
+    CheckpointInvalid,
+    CheckpointNotFound,
+)
 from tests.engine.checkpoints.helpers import ALL_LINEAR, greedy, peft_logprobs_fn, save_peft_adapter
 
 FAMILY = "llama3-rope-scaling"   # tied embeddings: head and embedding adapters untie them

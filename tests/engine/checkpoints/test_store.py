@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints.store import (CheckpointError, CheckpointIncomplete, CheckpointInvalid,
-                                CheckpointNotFound, CheckpointStore)
-from engine.config import ModelConfig
+from engine.checkpoints.store import (
+    CheckpointError,
+    CheckpointIncomplete,
+    CheckpointInvalid,
+    CheckpointNotFound,
+    CheckpointStore,
+)
+from engine.models.registry import load_model_config
 from tests.engine.checkpoints.helpers import save_peft_adapter
 
 BASE = "llama-gqa-untied"
@@ -32,7 +37,7 @@ def root(tmp_path) -> Path:
 
 @pytest.fixture
 def store(root, tiny_model_dirs) -> CheckpointStore:
-    return CheckpointStore(root, BASE, ModelConfig.from_dir(tiny_model_dirs[BASE]))
+    return CheckpointStore(root, BASE, load_model_config(tiny_model_dirs[BASE]))
 
 
 @pytest.fixture
@@ -112,7 +117,7 @@ def test_a_missing_checkpoint_does_not_exist(store):
 
 
 def test_without_a_root_only_the_base_model_exists(tiny_model_dirs):
-    store = CheckpointStore(None, BASE, ModelConfig.from_dir(tiny_model_dirs[BASE]))
+    store = CheckpointStore(None, BASE, load_model_config(tiny_model_dirs[BASE]))
     assert store.resolve(BASE) is None
     with pytest.raises(CheckpointNotFound, match="no checkpoint root is configured"):
         store.resolve("tinker://run/sampler_weights/1")

@@ -16,10 +16,17 @@ from pathlib import Path
 import jinja2.sandbox
 import pytest
 
-from engine.text.reasoning import (REASONING_EFFORTS, THINK_TAGS, ReasoningSplitter,
-                              detect_reasoning_format, parse_reasoning_effort,
-                              prompt_opens_trace, reasoning_format_by_name, split_reasoning,
-                              thinking_budget)
+from engine.text.reasoning import (
+    REASONING_EFFORTS,
+    THINK_TAGS,
+    ReasoningSplitter,
+    detect_reasoning_format,
+    parse_reasoning_effort,
+    prompt_opens_trace,
+    reasoning_format_by_name,
+    split_reasoning,
+    thinking_budget,
+)
 
 DEMO_TEMPLATE = Path(__file__).resolve().parents[3] / "scripts" / "demo_chat_template.jinja"
 
