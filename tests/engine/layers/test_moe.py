@@ -78,3 +78,15 @@ def test_softmax_topk_renormalises_only_when_asked():
     torch.testing.assert_close(weights, probs[:, :2])
     weights, _ = softmax_topk(logits, top_k=2, renormalize=True)
     torch.testing.assert_close(weights, probs[:, :2] / probs[:, :2].sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_weights_changed_in_place_are_used_at_once(dtype):
+    # LoRA merges write into one expert's slice: the CPU's packed copies must follow.
+    moe = random_moe(partial(softmax_topk, top_k=2, renormalize=True)).to(dtype)
+    x = torch.randn(16, HIDDEN).to(dtype)
+    with torch.inference_mode():
+        moe(x)                                             # packs every expert's matrices
+        for e in range(EXPERTS):
+            moe.experts.down_proj[e].zero_()
+        assert moe(x).abs().max() == 0
