@@ -101,7 +101,8 @@ def main() -> None:
     bandwidth = memory_bandwidth()
     print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     names = list(layers)
-    print(f"{'tokens':>6} {'hit MB':>7} {'floor ms':>8} " + " ".join(f"{n + ' ms':>24}" for n in names)
+    print(f"{'tokens':>6} {'hit MB':>7} {'floor ms':>8} "
+          + " ".join(f"{n + ' ms':>24}" for n in names)
           + f" {'vs ' + names[1]:>16} {'vs ' + names[2]:>12} {'vs floor':>8}")
     for n in args.tokens:
         x = torch.randn(n, HIDDEN, dtype=torch.bfloat16)

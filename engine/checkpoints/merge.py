@@ -9,9 +9,9 @@ Switching never drifts the base: the first time a weight is modified, an exact c
 of it is kept, and every later merge or restore starts from that copy, so A -> B -> A
 gives bit-identical weights. Only weights some adapter has touched are copied, but a
 whole tensor at a time: an expert adapter copies every expert of its layers, most of a
-MoE model (the README gives Qwen3-30B-A3B's figure). On a model with tied embeddings an adapter on `lm_head`
-or on the input embedding unties them for as long as it is active (PEFT applies each
-delta to its own module only), and the base re-ties them.
+MoE model (the README gives Qwen3-30B-A3B's figure). On a model with tied embeddings an
+adapter on `lm_head` or on the input embedding unties them for as long as it is active
+(PEFT applies each delta to its own module only), and the base re-ties them.
 
 Only the engine thread may call `activate`: it rewrites weights the model is using.
 """

@@ -42,7 +42,8 @@ def expert_factors(cfg, layer: int, shared: dict[str, str], r: int, g: torch.Gen
     dims = {"w1": (i, h), "w3": (i, h), "w2": (h, i)}
     tensors = {}
     for w, (out_dim, in_dim) in dims.items():
-        lead_a, lead_b = (1 if "A" in shared.get(w, "") else e), (1 if "B" in shared.get(w, "") else e)
+        lead_a = 1 if "A" in shared.get(w, "") else e
+        lead_b = 1 if "B" in shared.get(w, "") else e
         key = f"{PREFIX}.{layer}.mlp.experts.{w}"
         tensors[f"{key}.lora_A.weight"] = torch.randn(lead_a, r, in_dim, generator=g) * 0.1
         tensors[f"{key}.lora_B.weight"] = torch.randn(lead_b, out_dim, r, generator=g) * 0.1
@@ -126,7 +127,8 @@ def test_merged_expert_adapter_matches_a_hand_merge(case, model_dir, tmp_path):
     adapter = service_adapter(model_dir, tmp_path / "adapter", **CASES[case])
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
-    assert_same_model_outputs(engine_logprobs_fn(model), hand_merged_transformers(model_dir, adapter))
+    assert_same_model_outputs(engine_logprobs_fn(model),
+                              hand_merged_transformers(model_dir, adapter))
 
 
 def test_expert_adapter_really_changes_the_outputs(model_dir, tmp_path):
@@ -168,7 +170,8 @@ def test_only_the_tensors_an_adapter_touches_get_base_copies(model_dir, tmp_path
         both / "adapter_model.safetensors").items() if ".w1." in k}, {"r": 4, "lora_alpha": 8})
     model = load_engine_model(model_dir)
     experts = model.layers[1].mlp.experts
-    base_gate_up, base_down = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    base_gate_up = experts.gate_up_proj.detach().clone()
+    base_down = experts.down_proj.detach().clone()
     manager, width = LoraManager(model), experts.intermediate_size
     manager.activate(both)
     # gate/up and down of layer 1's experts: nothing else is copied

@@ -63,5 +63,6 @@ def test_a_checkpoint_missing_one_experts_tensor_is_refused(tiny_moe_model_dirs,
     tensors = load_file(path)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
     save_file(tensors, path)
-    with pytest.raises(ValueError, match=r"weights missing for \['layers.2.mlp.experts.gate_up_proj'\]"):
+    with pytest.raises(ValueError,
+                       match=r"weights missing for \['layers.2.mlp.experts.gate_up_proj'\]"):
         load_engine_model(tmp_path / "model")
