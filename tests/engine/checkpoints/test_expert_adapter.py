@@ -25,6 +25,7 @@ from tests.engine.checkpoints.helpers import (
     TOLERANCE,
     LogprobsFn,
     assert_same_model_outputs,
+    assert_switching_a_b_a_then_base_is_bit_exact,
     engine_logprobs_fn,
     greedy,
     load_engine_model,
@@ -140,28 +141,10 @@ def test_expert_adapter_really_changes_the_outputs(model_dir, tmp_path):
     assert (engine_logprobs_fn(model)(PROMPT) - base).abs().max() > 100 * TOLERANCE
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    return {name: p.clone() for name, p in model.named_parameters()}
-
-
 def test_switching_a_b_a_then_base_is_bit_exact(model_dir, tmp_path):
     a = service_adapter(model_dir, tmp_path / "a", seed=1)
     b = service_adapter(model_dir, tmp_path / "b", seed=2, shared={}, router=True, head=False)
-    model = load_engine_model(model_dir)
-    manager, forward = LoraManager(model), engine_logprobs_fn(model)
-    base_weights, base_out = weights(model), forward(PROMPT)
-    manager.activate(a)
-    a_weights, a_out = weights(model), forward(PROMPT)
-    manager.activate(b)
-    assert not torch.equal(forward(PROMPT), a_out)
-    manager.activate(a)
-    for name, weight in weights(model).items():
-        assert torch.equal(weight, a_weights[name]), name
-    assert torch.equal(forward(PROMPT), a_out)
-    manager.activate(None)
-    for name, weight in weights(model).items():
-        assert torch.equal(weight, base_weights[name]), name
-    assert torch.equal(forward(PROMPT), base_out)
+    assert_switching_a_b_a_then_base_is_bit_exact(load_engine_model(model_dir), a, b, PROMPT)
 
 
 def test_only_the_tensors_an_adapter_touches_get_base_copies(model_dir, tmp_path):
