@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine, ModelInput, SamplingParams
-from engine import llm_engine
+from engine import Engine, ModelInput, SamplingParams, llm_engine
 
 PROMPT = list(range(30, 80))        # 50 tokens: 12 full blocks of 4 and a partial one
 
