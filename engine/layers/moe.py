@@ -125,7 +125,7 @@ class FusedExperts(nn.Module):
         # index_select is 8x faster than the equivalent index_copy_ scatter.)
         unsorted = out.index_select(0, order.argsort())                # [T*k, H]
         mixed = torch.bmm(weights.to(x.dtype).unsqueeze(1),           # [T, 1, k]
-                          unsorted.view(num_tokens, top_k, -1))         # [T, k, H]
+                          unsorted.view(num_tokens, top_k, x.shape[-1]))  # [T, k, H]
         return mixed.squeeze(1)                                         # [T, H]
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:

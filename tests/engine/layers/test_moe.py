@@ -90,3 +90,9 @@ def test_expert_weights_changed_in_place_are_used_at_once(dtype):
         for e in range(EXPERTS):
             moe.experts.down_proj[e].zero_()
         assert moe(x).abs().max() == 0
+
+
+def test_no_tokens_give_no_rows():
+    moe = random_moe(partial(softmax_topk, top_k=2, renormalize=True))
+    with torch.inference_mode():
+        assert moe(torch.randn(0, HIDDEN)).shape == (0, HIDDEN)
