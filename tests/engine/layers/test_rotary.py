@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.layers.rotary import RotaryEmbedding, apply_rotary_, rope_attention_factor, rope_inv_freq
+from engine.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary_,
+    rope_attention_factor,
+    rope_inv_freq,
+)
 
 
 def test_in_place_rotation_of_a_strided_view_matches_transformers():
