@@ -49,7 +49,8 @@ def paged_batch(dtype: torch.dtype, gen: torch.Generator):
         queries.append(torch.randn(new, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype))
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        slot_mapping=torch.cat(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         context_lens=[c + n for c, n in LAYOUT], query_lens=[n for _, n in LAYOUT],
         num_decodes=3, block_size=BLOCK)
     new_kv = torch.cat([torch.cat((k, v), dim=1)[c:] for (k, v), (c, _) in zip(seq_kv, LAYOUT)])
@@ -64,7 +65,8 @@ def test_mixed_decode_and_prefill_batch_matches_dense_attention(dtype, monkeypat
     assert [(g.num_seqs, g.num_queries) for g in meta.groups] == [(2, 1), (1, 1), (1, 7), (1, 14)]
     out = paged_attention(q, kv_cache, meta, scale=HEAD_DIM ** -0.5)
     queries = q.split([n for _, n in LAYOUT])
-    want = torch.cat([dense_attention(q, k, v, HEAD_DIM ** -0.5) for q, (k, v) in zip(queries, seq_kv)])
+    want = torch.cat([dense_attention(q, k, v, HEAD_DIM ** -0.5)
+                      for q, (k, v) in zip(queries, seq_kv)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
@@ -82,9 +84,8 @@ def gpt_oss_attention(q, k, v, sinks, window, scale):
     additive = torch.zeros(num_q, num_k).masked_fill(~allowed, torch.finfo(torch.float32).min)
     module = SimpleNamespace(num_key_value_groups=NUM_HEADS // NUM_KV_HEADS, sinks=sinks.float(),
                              training=False)
-    out, _ = eager_attention_forward(module, q.float().transpose(0, 1)[None],
-                                     k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None],
-                                     additive[None, None], scaling=scale)
+    q, k, v = (t.float().transpose(0, 1)[None] for t in (q, k, v))       # [1, heads, len, D]
+    out, _ = eager_attention_forward(module, q, k, v, additive[None, None], scaling=scale)
     return out[0]                                                        # [Q, H, D]
 
 
