@@ -31,3 +31,11 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: save_tiny_model(cfg, root / name) for name, cfg in family_configs().items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_harmony_model_dir(tmp_path_factory) -> Path:
+    """A tiny random gpt-oss with a harmony tokenizer and chat template (tests/tiny_models.py)."""
+    from tests.tiny_models import save_tiny_harmony_model
+
+    return save_tiny_harmony_model(tmp_path_factory.mktemp("tiny-harmony") / "gpt-oss")
