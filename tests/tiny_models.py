@@ -8,6 +8,7 @@ real o200k-harmony tokenizer cannot be fetched here).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +41,17 @@ def family_configs() -> dict:
     }
 
 
+def moe_config():
+    """A tiny Qwen3-MoE: 8 experts, top 2, layer 0 dense (`mlp_only_layers`), 1 and 2 sparse."""
+    from transformers import Qwen3MoeConfig
+
+    fields = _common(head_dim=32, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0])
+    return Qwen3MoeConfig(**{**fields, "num_hidden_layers": 3})
+
+
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
+    """Saved with `save_pretrained` (MoE experts: one tensor per expert, as on the hub)."""
     config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
     _save_random_model(config, path, seed)
     return path
@@ -58,6 +69,18 @@ def _save_random_model(config, path: Path, seed: int) -> None:
             elif config.model_type == "gpt_oss" and name.endswith(("bias", "sinks")):
                 p.normal_(0.0, 0.5)   # zero or near it at init: make them matter
     model.save_pretrained(path)
+
+
+def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
+    """The same model as transformers holds it in memory (`state_dict()`: MoE experts fused
+    into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]), written by hand."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    return path
 
 
 def save_tiny_tokenizer(path: Path, special_tokens: tuple[str, ...] = ("<eos>", "<bos>"),
