@@ -50,3 +50,11 @@ def tiny_moe_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-moe")
     hub = save_tiny_model(moe_config(), root / "hub")
     return {"hub": hub, "fused": save_state_dict_copy(hub, root / "fused")}
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_mxfp4_dir(tiny_harmony_model_dir) -> Path:
+    """The tiny gpt-oss with random MXFP4 experts, as hub checkpoints store them."""
+    from tests.tiny_models import save_mxfp4_copy
+
+    return save_mxfp4_copy(tiny_harmony_model_dir, tiny_harmony_model_dir.parent / "mxfp4")

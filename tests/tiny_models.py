@@ -8,6 +8,7 @@ real o200k-harmony tokenizer cannot be fetched here).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -175,4 +176,28 @@ def save_tiny_harmony_model(path: Path, seed: int = 0, **config_overrides) -> Pa
     config = gpt_oss_config(vocab_size=vocab_size, eos_token_id=eos,
                             pad_token_id=to_id("<|endoftext|>"), **config_overrides)
     _save_random_model(config, path, seed)
+    return path
+
+
+def save_mxfp4_copy(model_dir: Path, path: Path, seed: int = 0) -> Path:
+    """`model_dir`'s gpt-oss with its experts replaced by random MXFP4 weights, stored as
+    the hub stores them (`*_blocks`, `*_scales`, and `quant_method` "mxfp4" in config.json)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = load_file(model_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        num_experts, in_dim, out_dim = tensors.pop(name).shape                 # input-major
+        groups = (num_experts, out_dim, in_dim // 32)
+        tensors[name + "_blocks"] = torch.randint(0, 256, (*groups, 16), generator=gen,
+                                                  dtype=torch.uint8)
+        # Scales of 2**-9 to 2**-6: weights up to 6/64, about as large as the bf16 ones.
+        tensors[name + "_scales"] = torch.randint(118, 122, groups, generator=gen,
+                                                  dtype=torch.uint8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     return path

@@ -15,7 +15,9 @@ Dequantized, a projection is [E, out, in]; the model holds it input-major, [E, i
 
 This is transformers' `convert_moe_packed_tensors` (`transformers.integrations.mxfp4`)
 step for step, so the weights are bit-identical to what transformers serves. Keeping the
-packed form on the GPU with a matmul that reads it is a later step.
+packed form on the GPU with a matmul that reads it is a later step. `Mxfp4Pairs` is what
+the loader uses: it meets each projection's two tensors, in either order and in any
+shard, and dequantizes them on the model's device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,35 @@ FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+class Mxfp4Pairs:
+    """Collects `<name>_blocks` and `<name>_scales` as a checkpoint is read; each complete
+    pair comes back as `<name>`, dequantized to `dtype` on `device`."""
+
+    def __init__(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        self.dtype, self.device = dtype, device
+        self._halves: dict[str, dict[str, torch.Tensor]] = {}    # name -> suffix -> tensor
+
+    @staticmethod
+    def is_half(name: str) -> bool:
+        return name.endswith((BLOCKS_SUFFIX, SCALES_SUFFIX))
+
+    def add(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """Take one half; the (name, dequantized weight) once both are in, else None."""
+        suffix = BLOCKS_SUFFIX if name.endswith(BLOCKS_SUFFIX) else SCALES_SUFFIX
+        base = name.removesuffix(suffix)
+        halves = self._halves.setdefault(base, {})
+        halves[suffix] = tensor.to(self.device)
+        if len(halves) < 2:
+            return None
+        del self._halves[base]
+        return base, dequantize_mxfp4(halves[BLOCKS_SUFFIX], halves[SCALES_SUFFIX], self.dtype)
+
+    @property
+    def unpaired(self) -> list[str]:
+        """The halves whose other half never came."""
+        return sorted(base + suffix for base, halves in self._halves.items() for suffix in halves)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """blocks: uint8 [E, out, G, 16], scales: uint8 [E, out, G] -> [E, G * 32, out] in `dtype`.
@@ -37,7 +68,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
     if scales.shape != blocks.shape[:-1]:
         raise ValueError(f"MXFP4 scales {list(scales.shape)} do not match blocks "
                          f"{list(blocks.shape)} (expected {list(blocks.shape[:-1])})")
-    weight = torch.empty(num_experts, num_groups * group_bytes * 2, out_dim, dtype=dtype)
+    weight = torch.empty(num_experts, num_groups * group_bytes * 2, out_dim, dtype=dtype,
+                         device=blocks.device)
     for e in range(num_experts):
         weight[e] = _dequantize_expert(blocks[e], scales[e], dtype).T
     return weight
@@ -46,7 +78,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
 def _dequantize_expert(blocks: torch.Tensor, scales: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
     """blocks: [out, G, 16], scales: [out, G] -> [out, G * 32]."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
     low, high = (blocks & 0x0F).long(), (blocks >> 4).long()    # [out, G, 16] each
     # Each byte's two values side by side, the low nibble first: [out, G, 16, 2] -> [out, G, 32]
     values = torch.stack((lut[low], lut[high]), dim=-1).flatten(-2)
