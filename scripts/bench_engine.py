@@ -30,10 +30,15 @@ from engine.models.default_model import fetch_default_model
 T = TypeVar("T")
 
 
-def make_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def make_requests(n: int, vocab: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt, max_tokens) pairs; a model of short context (`max_len`) gets shorter ones."""
     rng = random.Random(seed)
-    return [([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(8, 200))
-            for _ in range(n)]
+    requests = []
+    for _ in range(n):
+        prompt = [rng.randrange(min(100, vocab // 2), vocab)
+                  for _ in range(rng.randint(16, min(256, max_len // 2)))]
+        requests.append((prompt, rng.randint(8, min(200, max_len - len(prompt)))))
+    return requests
 
 
 def bench_engine(engine: Engine, requests) -> float:
@@ -62,10 +67,9 @@ def bench_generate(model, requests, batch_size: int, pad_id: int) -> float:
     return useful / (time.perf_counter() - start)
 
 
-def measure_engine(engine: Engine, requests) -> dict[str, float]:
+def measure_engine(engine: Engine, requests, single) -> dict[str, float]:
     bench_engine(engine, requests[:4])                 # warm-up
-    return {"mixed": bench_engine(engine, requests),
-            "batch-1": bench_engine(engine, [(requests[0][0], 128)])}
+    return {"mixed": bench_engine(engine, requests), "batch-1": bench_engine(engine, [single])}
 
 
 def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
@@ -91,15 +95,17 @@ def run(dtype_name: str, num_prompts: int, model_dir, background_loop: bool) -> 
 
     dtype = getattr(torch, dtype_name)
     engine = Engine(model_dir, dtype=dtype, progress=False, start=background_loop)
-    requests = make_requests(num_prompts, engine.model_config.vocab_size)
+    requests = make_requests(num_prompts, engine.model_config.vocab_size, engine.max_model_len)
+    prompt = requests[0][0]
+    single = (prompt, min(128, engine.max_model_len - len(prompt)))     # the batch-1 decode
     if background_loop:
-        ours = measure_engine(engine, requests)
+        ours = measure_engine(engine, requests, single)
         engine.shutdown()
     else:
-        ours = with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests))
+        ours = with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests, single))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
-              "batch-1": bench_generate(hf, [(requests[0][0], 128)], 1, 2)}
+              "batch-1": bench_generate(hf, [single], 1, 2)}
     for name in ours:
         print(f"{dtype_name:9s} {name:8s} pokeserve {ours[name]:8.1f} tok/s   transformers "
               f"{theirs[name]:8.1f} tok/s   ratio {ours[name] / theirs[name]:5.2f}x", flush=True)

@@ -80,7 +80,8 @@ def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors*"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors")
     return path
 
 

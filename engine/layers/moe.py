@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import LoraTarget
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -101,6 +101,7 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))            # [E, H, I]
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if bias else None
+        self._packed = {"gate_up_proj": PackedWeight(), "down_proj": PackedWeight()}
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor) -> torch.Tensor:
@@ -120,21 +121,26 @@ class FusedExperts(nn.Module):
                 start += count
         # Back to (token, choice) order, then each token's weighted sum over its k choices.
         # A sum in a fixed order rather than index_add_: atomics on CUDA would make the
-        # result differ from run to run.
-        unsorted = torch.empty_like(out).index_copy_(0, order, out)     # [T*k, H]
+        # result differ from run to run. (A gather by the inverse permutation: on the CPU
+        # index_select is 8x faster than the equivalent index_copy_ scatter.)
+        unsorted = out.index_select(0, order.argsort())                # [T*k, H]
         mixed = torch.bmm(weights.to(x.dtype).unsqueeze(1),           # [T, 1, k]
                           unsorted.view(num_tokens, top_k, -1))         # [T, k, H]
         return mixed.squeeze(1)                                         # [T, H]
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert over its n tokens: x [n, H] -> [n, H]."""
-        gate_up = F.linear(x, self.gate_up_proj[expert], self._bias(self.gate_up_proj_bias, expert))
-        return F.linear(self.activation(gate_up), self.down_proj[expert],
-                        self._bias(self.down_proj_bias, expert))        # [n, 2I] -> [n, I] -> [n, H]
+        gate_up = self._product(x, "gate_up_proj", expert)                  # [n, 2I]
+        return self._product(self.activation(gate_up), "down_proj", expert)  # [n, I] -> [n, H]
 
-    @staticmethod
-    def _bias(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
-        return None if bias is None else bias[expert]
+    def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through
+        oneDNN with each expert's matrix packed once, as engine.layers.linear does."""
+        weight, bias = getattr(self, name), getattr(self, name + "_bias")
+        bias = None if bias is None else bias[expert]
+        if uses_onednn(x):
+            return onednn_linear(x, self._packed[name](weight)[expert], bias)
+        return F.linear(x, weight[expert], bias)
 
 
 class SparseMoE(nn.Module):
