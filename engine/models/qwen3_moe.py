@@ -6,9 +6,12 @@ renormalised when `norm_topk_prob`), except in the layers that `mlp_only_layers`
 that `decoder_sparse_step` skips, which keep a dense MLP of width `intermediate_size`.
 
 Expert weights load from either layout: one tensor per expert and projection
-(`mlp.experts.{e}.gate_proj.weight`: the hub's, and what transformers' `save_pretrained`
-writes), or transformers' fused in-memory tensors (`mlp.experts.gate_up_proj` [E, 2I, H],
+(`mlp.experts.{e}.gate_proj.weight`: the hub's, and what transformers 5.24's
+`save_pretrained` writes, converting back from its fused form), or transformers' fused
+in-memory tensors as `state_dict()` gives them (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]), which are the engine's own layout as they are.
+The hub's configs name the expert count `num_experts`; transformers 5 writes it as
+`num_local_experts`.
 """
 
 from __future__ import annotations
