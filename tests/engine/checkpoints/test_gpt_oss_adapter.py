@@ -9,7 +9,6 @@ is added transposed, w1's to the even columns and w3's to the odd ones.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from tests.engine.checkpoints.helpers import (
     assert_same_model_outputs,
     assert_switching_a_b_a_then_base_is_bit_exact,
     engine_logprobs_fn,
+    expert_delta,
+    hand_merged_transformers,
     load_engine_model,
     write_adapter,
 )
@@ -65,34 +66,17 @@ def service_adapter(model_dir: Path, out: Path, *, seed: int = 0, r: int = 4, al
     return write_adapter(out, tensors, {"r": r, "lora_alpha": alpha})
 
 
-def hand_merged_transformers(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
-    from transformers import AutoModelForCausalLM
+def add_gpt_oss_expert_delta(experts, w: str, a, b, scale: float) -> None:
+    """transformers' gpt-oss experts, input-major: the delta [out, in] goes in transposed."""
+    fused, columns = {"w1": (experts.gate_up_proj, slice(0, None, 2)),
+                      "w3": (experts.gate_up_proj, slice(1, None, 2)),
+                      "w2": (experts.down_proj, slice(None))}[w]
+    for e in range(fused.shape[0]):
+        fused[e][:, columns] += scale * expert_delta(a, b, e).T               # [in, out]
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    with torch.no_grad():
-        for key in [k for k in tensors if k.endswith("lora_A.weight")]:
-            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            if ".experts.w" in module:
-                experts_name, w = module.rsplit(".", 1)
-                experts = model.get_submodule(experts_name)
-                fused, columns = {"w1": (experts.gate_up_proj, slice(0, None, 2)),
-                                  "w3": (experts.gate_up_proj, slice(1, None, 2)),
-                                  "w2": (experts.down_proj, slice(None))}[w]
-                for e in range(fused.shape[0]):
-                    delta = b[e if len(b) > 1 else 0] @ a[e if len(a) > 1 else 0]   # [out, in]
-                    fused[e][:, columns] += scale * delta.T                         # [in, out]
-            else:
-                target = {"model.unembed_tokens": "lm_head"}.get(module, module)
-                model.get_submodule(target.replace(".attn.", ".self_attn.")).weight += scale * b @ a
 
-    @torch.no_grad()
-    def logprobs(ids: list[int]) -> torch.Tensor:
-        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    return logprobs
+def hand_merged(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
+    return hand_merged_transformers(model_dir, adapter_dir, add_gpt_oss_expert_delta)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-factors", "per-expert-factors"])
@@ -103,7 +87,7 @@ def test_merged_gpt_oss_adapter_matches_a_hand_merge(shared, tiny_harmony_model_
     LoraManager(model).activate(adapter)
     ours = engine_logprobs_fn(model)
     assert (ours(PROMPT) - base).abs().max() > 100 * TOLERANCE    # the adapter matters
-    assert_same_model_outputs(ours, hand_merged_transformers(tiny_harmony_model_dir, adapter))
+    assert_same_model_outputs(ours, hand_merged(tiny_harmony_model_dir, adapter))
 
 
 def test_attn_names_the_attention_of_a_layer(tiny_harmony_model_dir, tmp_path):
