@@ -8,8 +8,6 @@ single tokens, so the cuts fall on both sides of every marker and inside headers
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from engine.text.harmony import (
@@ -18,7 +16,6 @@ from engine.text.harmony import (
     harmony_effort,
     renders_harmony,
 )
-from engine.text.output_processor import OutputProcessor
 from engine.text.reasoning import parse_reasoning_effort, thinking_budget
 from engine.text.tokenizer import Tokenizer
 
@@ -165,29 +162,22 @@ def test_template_writes_the_level_and_is_detected_as_harmony(tokenizer):
 @pytest.mark.parametrize("effort, budget", [(0.3, 10), (0.6, 7), (0.01, 50)])
 def test_budget_forces_the_final_channel_after_its_share_of_analysis_tokens(
         tokenizer, prompt_ids, effort, budget):
-    """The engine's budget rule (OutputProcessor._check_thinking_budget) run on the
-    harmony splitter, with a model that would think forever."""
+    """The thinking-budget rule of engine/text/pipeline.py (stop watching once the answer
+    began; inside the trace, force the end once `reasoning_tokens` reaches the budget),
+    run on the harmony splitter with a model that would think forever."""
     allowed = thinking_budget(effort, budget)
     forced_ids = _ids(tokenizer, FORCED_FINAL)
     thinking = _ids(tokenizer, " the")
     assert len(thinking) == 1
     splitter = HarmonySplitter(tokenizer, prompt_ids)
-    seq = SimpleNamespace(text_state=SimpleNamespace(thinking=splitter), forced_ids=[],
-                          params=SimpleNamespace(thinking_budget=allowed,
-                                                 thinking_end_ids=forced_ids))
     model = iter(_ids(tokenizer, ANALYSIS) + thinking * 100)
-    output, reasoning, content = [], "", ""
-    while seq.text_state.thinking is not None and len(output) < 300:
-        token = seq.forced_ids.pop(0) if seq.forced_ids else next(model)
-        output.append(token)
-        r, c = splitter.feed([token])
-        reasoning, content = reasoning + r, content + c
-        OutputProcessor._check_thinking_budget(seq)
-    output += seq.forced_ids
-    r, c = splitter.feed(seq.forced_ids + _ids(tokenizer, "four<|return|>"))
+    reasoning = ""
+    while splitter.in_reasoning and not (splitter.trace_open
+                                         and splitter.reasoning_tokens >= allowed):
+        reasoning += splitter.feed([next(model)])[0]
+    r, content = splitter.feed(forced_ids + _ids(tokenizer, "four<|return|>"))
     assert splitter.reasoning_tokens == allowed
-    assert output[-len(forced_ids):] == forced_ids
-    assert (reasoning + r, content + c) == (" the" * allowed, "four")
+    assert (reasoning + r, content) == (" the" * allowed, "four")
 
 
 def test_a_body_cut_inside_a_character_ends_as_decode_ends_it(tokenizer, prompt_ids):
