@@ -90,7 +90,7 @@ class OutputProcessor:
             # The stop token's own text is not part of the answer, unless asked for.
             if p.include_stop_str_in_output and token in p.stop_token_set:
                 out.text = state.stop_checker.feed(new_text)[0]
-            out.text += state.stop_checker.flush()
+            out.text += self._held_back(state)
             return self._finish(out, "stop", token if token in p.stop_token_set else None)
         if may_stop:
             out.text, matched = state.stop_checker.feed(new_text)
@@ -100,8 +100,14 @@ class OutputProcessor:
             out.text = state.stop_checker.flush() + new_text
         if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
-            out.text += state.stop_checker.flush()
+            out.text += self._held_back(state)
             self._finish(out, "length", None)
+
+    @staticmethod
+    def _held_back(state: TextState) -> str:
+        """At the end of the text: what may have begun a stop string, then the bytes of an
+        unfinished last character (U+FFFD, as `tokenizer.decode` writes them)."""
+        return state.stop_checker.flush() + state.detokenizer.flush()
 
     @staticmethod
     def _finish(out: RequestOutput, reason: str, stop_reason: str | int | None) -> None:
