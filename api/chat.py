@@ -2,7 +2,7 @@
 
 The template is the served checkpoint's own `chat_template.jinja` when it ships one,
 else the model's. For a model with a reasoning format (the server's --reasoning-parser,
-else the markers its template writes), each choice's text passes through a
+else the one the template rendering the request writes), each choice's text passes through a
 `ReasoningSplitter`: with `separate_reasoning` (the default) the trace goes to
 `reasoning_content` (mirrored as `reasoning`) and the answer to `content`; without, the
 text stays whole in `content` and the splitter only counts the trace's tokens.
@@ -70,18 +70,18 @@ def _output_splitter(req: ChatCompletionRequest, fmt: ReasoningFormat | None,
 def create_chat_completion() -> Response:
     job = accept(ChatCompletionRequest)
     req, gen, tokenizer = job.req, job.generation, job.engine.tokenizer
-    fmt = job.model.reasoning_format
-    if req.reasoning_effort is not None and fmt is None:
-        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
-                       "chat template writes no reasoning markers known to pokeserve (a "
-                       "server started with --reasoning-parser names them)",
-                       param="reasoning_effort")
     prompt_text = render_prompt(tokenizer, req.messages, req.chat_template_kwargs,
                                 chat_template=job.model.chat_template, tools=req.tools,
                                 add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message)
+    fmt = server_state().reasoning_format(job.model, req.tools)
+    if req.reasoning_effort is not None and fmt is None:
+        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
+                       "chat template writes no reasoning trace known to pokeserve (a "
+                       "server started with --reasoning-parser names one)",
+                       param="reasoning_effort")
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    params = _with_thinking_budget(job, prompt_text, len(prompt_ids))
+    params = _with_thinking_budget(job, fmt, prompt_text, len(prompt_ids))
     gen.submit([prompt_ids], params, req.n, job.model.checkpoint)
     splitters = [_output_splitter(req, fmt, prompt_text) for _ in gen.choices]
     chat = _Chat(req, splitters, gen, LogprobFormatter(tokenizer))
@@ -90,11 +90,11 @@ def create_chat_completion() -> Response:
     return jsonify(chat.response())
 
 
-def _with_thinking_budget(job: Accepted, prompt_text: str,
+def _with_thinking_budget(job: Accepted, fmt: ReasoningFormat | None, prompt_text: str,
                           num_prompt_tokens: int) -> SamplingParams:
     """The request's sampling params, plus the thinking budget its reasoning_effort sets
     when the prompt opens a trace for the output to think in."""
-    fmt, effort = job.model.reasoning_format, job.req.reasoning_effort
+    effort = job.req.reasoning_effort
     if effort is None or not prompt_opens_trace(fmt, prompt_text):
         return job.params
     limits = (server_state().config.reasoning_budget, job.params.max_tokens)
