@@ -11,8 +11,8 @@ import logging
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
-
 from engine.checkpoints.errors import CheckpointIncomplete, CheckpointNotFound
+from engine.outputs import ErrorKind, RequestOutput
 
 log = logging.getLogger("pokeserve.api")
 
@@ -48,6 +48,14 @@ def engine_error(exc: ValueError) -> APIError:
     if isinstance(exc, CheckpointIncomplete):
         return APIError(409, str(exc), param="model", code="checkpoint_incomplete")
     return APIError(400, str(exc))
+
+
+def generation_error(out: RequestOutput) -> APIError:
+    """The response for a request the engine failed after taking it: a checkpoint found
+    broken only when loaded is the user's to fix (400, its own message), the rest a bug."""
+    if out.error_kind is ErrorKind.CHECKPOINT:
+        return APIError(400, out.error, param="model", code="checkpoint_invalid")
+    return APIError(500, f"generation failed: {out.error}")
 
 
 def register_error_handlers(app: Flask) -> None:

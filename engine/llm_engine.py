@@ -28,6 +28,7 @@ from pathlib import Path
 import xxhash
 
 from engine.block_manager import BlockManager
+from engine.checkpoints.errors import CheckpointError
 from engine.checkpoints.merge import LoraManager
 from engine.checkpoints.store import CheckpointStore
 from engine.client import SamplingClient
@@ -36,7 +37,7 @@ from engine.model_runner import ModelRunner, kv_cache_block_bytes
 from engine.models.default_model import fetch_default_model
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
-from engine.outputs import RequestOutput, RequestStream
+from engine.outputs import ErrorKind, RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
@@ -198,7 +199,8 @@ class Engine:
     def _add(self, seq: Sequence, stream: RequestStream) -> None:
         if seq.request_id in self._requests:
             stream.put(RequestOutput(seq.request_id, finished=True, finish_reason="error",
-                                     error=f"request id {seq.request_id!r} is already in use"))
+                                     error=f"request id {seq.request_id!r} is already in use",
+                                     error_kind=ErrorKind.INTERNAL))
             return
         self._arrivals += 1
         seq.arrival = self._arrivals
@@ -233,8 +235,14 @@ class Engine:
                 self._requests[seq.request_id][1].put(out)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
+        # A checkpoint found broken only when loaded (NaN factors, say) is the request's
+        # problem, told in the checkpoint's own words; anything else is a bug of ours.
+        if isinstance(exc, CheckpointError):
+            kind, error = ErrorKind.CHECKPOINT, str(exc)
+        else:
+            kind, error = ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"
         self._end(seq, RequestOutput(seq.request_id, finished=True, finish_reason="error",
-                                     error=f"{type(exc).__name__}: {exc}"))
+                                     error=error, error_kind=kind))
 
     def _end(self, seq: Sequence, out: RequestOutput) -> None:
         self.scheduler.finish(seq)
