@@ -146,8 +146,11 @@ class Engine:
             raise ValueError("the prompt must contain at least one token")
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        # Ids past the vocabulary would index past the logits row and fail the whole batch.
+        for name, ids in (("logit_bias keys", params.logit_bias),
+                          ("stop_token_ids", params.stop_token_set)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} must be token ids in [0, {vocab})")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise ValueError(
