@@ -220,8 +220,8 @@ def check_ok(path: str, body: dict) -> None:
 def check_stream(text: str) -> None:
     events = [e for e in text.split("\n\n") if e]
     assert events and events[-1] == "data: [DONE]", text[-300:]
-    for event in events[:-1]:
-        payload = strict_json(event.removeprefix("data: ").encode())
+    for sse in events[:-1]:
+        payload = strict_json(sse.removeprefix("data: ").encode())
         if "error" in payload:   # sent after the 200: it must still be the client's fault
             assert assert_error_shape(payload)["type"] != "server_error", payload
         else:
