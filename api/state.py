@@ -14,7 +14,9 @@ from api.errors import APIError, engine_error
 from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
+from engine import Engine
 from engine.checkpoints.errors import CheckpointError
+from engine.checkpoints.store import CheckpointInfo
 from engine.sampling_params import SamplingParams
 from engine.text.reasoning import (
     PROBE_MESSAGES,
@@ -42,7 +44,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    checkpoint: str | None      # None: the base model
+    checkpoint: CheckpointInfo | None   # resolved once per request; None: the base model
     chat_template: str | None   # the checkpoint's own template, else None (the model's)
 
 
@@ -50,19 +52,17 @@ class ResolvedModel:
 class ServerState:
     config: ServerConfig
     metrics: Metrics
-    engine: object | None = None   # engine.Engine once loaded
+    engine: Engine | None = None   # once loaded
     started: float = field(default_factory=time.time)
-    _checkpoints: Any = None   # engine.checkpoints.CheckpointStore
 
-    def set_engine(self, engine) -> None:
-        self._checkpoints = engine.checkpoints
+    def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.metrics.watch(engine)
 
     def engine_alive(self) -> bool:
         return self.engine is not None and self.engine.is_alive()
 
-    def require_engine(self):
+    def require_engine(self) -> Engine:
         """The engine, or a 503 while it loads or after it stopped, or a 429 while too
         many requests already wait for it."""
         if self.engine is None:
@@ -88,13 +88,13 @@ class ServerState:
         if name in self.base_names or name in (engine.model_name, str(engine.model_dir)):
             return ResolvedModel(None, None)
         try:
-            info = self._checkpoints.resolve(name)
+            info = engine.checkpoints.resolve(name)
         except CheckpointError as exc:
             raise engine_error(exc) from None
         if info is None:
             return ResolvedModel(None, None)
         template = info.chat_template.read_text() if info.chat_template else None
-        return ResolvedModel(name, template)
+        return ResolvedModel(info, template)
 
     def reasoning_format(self, model: ResolvedModel,
                          tools: list[dict] | None) -> ReasoningFormat | None:
@@ -115,7 +115,7 @@ class ServerState:
         cards = [{**card, "id": name, "created": int(self.started), "root": str(engine.model_dir),
                   "parent": None} for name in self.base_names]
         cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
-                   "parent": self.base_names[0]} for info in self._checkpoints.list()]
+                   "parent": self.base_names[0]} for info in engine.checkpoints.list()]
         return cards
 
 
@@ -130,7 +130,7 @@ class Accepted:
     req: Any                 # the endpoint's pydantic request
     params: SamplingParams
     model: ResolvedModel
-    engine: Any              # engine.Engine
+    engine: Engine
     generation: Generation
 
 

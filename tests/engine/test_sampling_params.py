@@ -62,7 +62,8 @@ def test_token_ids_past_either_edge_of_the_vocabulary_are_refused(engine, field)
         extra = {"stop_token_ids": dict(stop_token_ids=[token]),
                  "logit_bias": dict(logit_bias={token: 1.0})}.get(field, {})
         params = SamplingParams(max_tokens=2, temperature=0.0, min_tokens=1, **extra)
-        return list(engine.add_request(prompt, params))
+        stream, = engine.add_request(prompt, params)
+        return list(stream)
 
     for token in (-1, vocab, 10**30):
         with pytest.raises(ValueError, match=rf"{field}.*\[0, {vocab}\)"):

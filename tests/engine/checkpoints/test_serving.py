@@ -173,7 +173,8 @@ def test_bad_checkpoints_get_clear_errors_and_others_keep_being_served(engine, m
               "adapter_model.safetensors is corrupt")]
     for name, error, message in cases:
         with pytest.raises(error, match=message):
-            engine.add_request(PROMPTS[0], greedy_params(4), checkpoint=name)
+            engine.add_request(PROMPTS[0], greedy_params(4),
+                               checkpoint=engine.checkpoints.resolve(name))
     assert_matches(running.result(timeout=60).sequences[0],
                    reference(model_dir, root / RUN / "sampler_weights/a", PROMPTS[1], 24))
     after = engine.sampling_client(engine.model_name).sample(ModelInput.from_ints(PROMPTS[0]), 1,
@@ -200,7 +201,9 @@ def test_an_adapter_found_broken_when_loaded_fails_its_requests_and_leaves_the_w
     engine.sampling_client(good).sample(prompt, 1, greedy_params(2)).result(timeout=60)
     with pytest.raises(CheckpointInvalid, match="NaN"):   # the client, the checkpoint's words
         engine.sampling_client(name).sample(prompt, 1, greedy_params(4)).result(timeout=60)
-    last = list(engine.add_request(PROMPTS[0], greedy_params(4), checkpoint=name))[-1]
+    stream, = engine.add_request(PROMPTS[0], greedy_params(4),
+                                 checkpoint=engine.checkpoints.resolve(name))
+    last = list(stream)[-1]
     assert last.finish_reason == "error" and last.error_kind is ErrorKind.CHECKPOINT
     assert last.error.startswith("Checkpoint `nan` cannot be served") and "NaN" in last.error
     # Neither the adapter merged before nor the base weights were touched.
