@@ -1,6 +1,6 @@
 """SamplingParams' ranges, those of the OpenAI reference and vLLM: each bad value is a
-ValueError naming its field, the edges of each range are accepted; and the engine
-bounds every token id a request names by the model's vocabulary."""
+ValueError naming its field, and the edges of each range are accepted. (Token ids are
+the engine's to bound: tests/engine/test_engine.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from engine import Engine, SamplingParams
+from engine import SamplingParams
 
 INF, NAN = math.inf, math.nan
 
@@ -43,32 +43,3 @@ def test_a_huge_value_is_shown_shortened_in_the_message():
     with pytest.raises(ValueError) as info:
         SamplingParams(logit_bias={i: 500.0 for i in range(1000)})
     assert len(str(info.value)) < 200
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dirs):
-    eng = Engine(tiny_model_dirs["llama-gqa-untied"], block_size=4, num_kv_blocks=32,
-                 progress=False)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.mark.parametrize("field", ["prompt", "stop_token_ids", "logit_bias"])
-def test_token_ids_past_either_edge_of_the_vocabulary_are_refused(engine, field):
-    vocab = engine.model_config.vocab_size
-
-    def request(token: int):
-        prompt = [token] if field == "prompt" else [5, 6]
-        extra = {"stop_token_ids": dict(stop_token_ids=[token]),
-                 "logit_bias": dict(logit_bias={token: 1.0})}.get(field, {})
-        params = SamplingParams(max_tokens=2, temperature=0.0, min_tokens=1, **extra)
-        stream, = engine.add_request(prompt, params)
-        return list(stream)
-
-    for token in (-1, vocab, 10**30):
-        with pytest.raises(ValueError, match=rf"{field}.*\[0, {vocab}\)"):
-            request(token)
-    for token in (0, vocab - 1):   # the edges themselves are ids
-        assert request(token)[-1].finish_reason in ("length", "stop")
-    stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_total_blocks
