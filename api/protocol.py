@@ -28,6 +28,7 @@ _TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning", "think
 _TEXT_PART = '{"type": "text", "text": "..."}'
 # JSON's \\u escapes can write halves of a UTF-16 pair alone, which are not text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN = frozenset({int, float, bool, type(None)})   # JSON values with no text, no nesting
 
 
 def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -262,7 +263,12 @@ def _check_json(body: dict) -> None:
         container, depth, field = stack.pop()
         if depth > limits.MAX_JSON_DEPTH:
             raise APIError(400, _too_deep(field), param=field)
-        pairs = container.items() if isinstance(container, dict) else ((None, v) for v in container)
+        if isinstance(container, dict):
+            pairs = container.items()
+        elif _PLAIN.issuperset(map(type, container)):
+            continue   # numbers only, token ids say: nothing inside to check (a fast test)
+        else:
+            pairs = ((None, v) for v in container)
         for key, child in pairs:
             where = field or key
             _check_text(key, where)
