@@ -7,7 +7,9 @@ directory into the engine's model through LoraManager.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,3 +117,18 @@ def to_training_service_layout(peft_dir: Path, out_dir: Path) -> Path:
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     config["target_modules"] = ["unembed_tokens" if t == "lm_head" else t for t in config["target_modules"]]
     return write_adapter(out_dir, renamed, config)
+
+
+def pack_archive(checkpoint_dir: Path, archive: Path,
+                 extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
+    """A checkpoint as the service's archive URL hands it out: one uncompressed tar with
+    the checkpoint's files at its top level, then any `extra` (member, data) pairs."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted(checkpoint_dir.iterdir()):
+            tar.add(file, arcname=file.name)
+        for member, data in extra:
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    return archive
