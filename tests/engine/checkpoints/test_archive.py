@@ -12,12 +12,11 @@ import engine.checkpoints.archive as archive_module
 from engine.checkpoints.store import (
     CheckpointIncomplete,
     CheckpointInvalid,
-    CheckpointStore,
 )
-from engine.models.registry import load_model_config
+from tests.engine.checkpoints.conftest import STORE_BASE
 from tests.engine.checkpoints.helpers import pack_archive, save_peft_adapter
 
-BASE = "llama-gqa-untied"
+BASE = STORE_BASE   # the base of the `store` fixture
 NAME = "tinker://run:train:0/sampler_weights/000010"
 REL = "run:train:0/sampler_weights/000010.tar"
 
@@ -25,13 +24,6 @@ REL = "run:train:0/sampler_weights/000010.tar"
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dirs, tmp_path_factory) -> Path:
     return save_peft_adapter(tiny_model_dirs[BASE], tmp_path_factory.mktemp("adapter") / "a", r=4)
-
-
-@pytest.fixture
-def store(tmp_path, tiny_model_dirs) -> CheckpointStore:
-    (tmp_path / "root").mkdir()
-    return CheckpointStore(tmp_path / "root", BASE, load_model_config(tiny_model_dirs[BASE]),
-                           cache_dir=tmp_path / "cache")
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.TarInfo:

@@ -12,11 +12,11 @@ import pytest
 
 import engine.checkpoints.archive as archive_module
 from engine.checkpoints.layout import TinkerPath, tinker_path_of
-from engine.checkpoints.store import CheckpointError, CheckpointIncomplete, CheckpointStore
-from engine.models.registry import load_model_config
+from engine.checkpoints.store import CheckpointError, CheckpointIncomplete
+from tests.engine.checkpoints.conftest import STORE_BASE
 from tests.engine.checkpoints.helpers import pack_archive, save_peft_adapter
 
-BASE = "llama-gqa-untied"
+BASE = STORE_BASE   # the base of the `store` fixture
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"
 NAME = f"tinker://{RUN}/sampler_weights/000080"
 FORMS = {"trainer directory": f"{RUN}/sampler_weights/000080",
@@ -31,22 +31,6 @@ def adapters(tiny_model_dirs, tmp_path_factory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("adapters")
     return [save_peft_adapter(tiny_model_dirs[BASE], tmp / f"seed{seed}", r=8, seed=seed)
             for seed in (1, 2)]
-
-
-@pytest.fixture
-def root(tmp_path) -> Path:
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def cache(tmp_path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def store(root, cache, tiny_model_dirs) -> CheckpointStore:
-    return CheckpointStore(root, BASE, load_model_config(tiny_model_dirs[BASE]), cache_dir=cache)
 
 
 def place(adapter: Path, root: Path, rel: str) -> Path:
