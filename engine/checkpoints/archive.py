@@ -37,7 +37,6 @@ MAX_MEMBERS = 64                 # the service's archive holds 3 files (4 with a
 MAX_UNPACKED_BYTES = 64 << 30    # above any adapter of the service's lineup (rank 32)
 PROGRESS_MIN_BYTES = 256 << 20   # archives this large show a progress bar
 _CHUNK = 1 << 20
-_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE   # the zero blocks that end every complete tar
 _CUT_SHORT = "its archive is cut short"
 
 
@@ -98,11 +97,12 @@ def _read_members(tar: tarfile.TarFile, name: str) -> list[tarfile.TarInfo]:
 
 
 def _ends_complete(f, offset: int) -> bool:
-    # tarfile takes a header cut short, or garbage, for the end of the archive; a complete
-    # one has two zero blocks where the next header would be (`offset`).
+    # tarfile takes a header cut short, or garbage, for the end of the archive. A complete
+    # one has its end marker, zero blocks, where the next header would be (`offset`); the
+    # standard asks for two, but one already says that no member follows.
     f.seek(offset)
-    tail = f.read(_END_OF_ARCHIVE)
-    return len(tail) == _END_OF_ARCHIVE and not tail.strip(b"\0")
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
 def _check_members(members: list[tarfile.TarInfo]) -> tuple[dict[str, tarfile.TarInfo], list[str]]:
