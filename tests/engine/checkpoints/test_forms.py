@@ -140,10 +140,11 @@ def test_concurrent_first_uses_of_an_archive_build_one_copy(store, adapters, roo
     assert sorted(cache.iterdir()) == [results[0]]   # no temporary copy left behind
 
 
-def test_an_archive_symlinked_from_outside_the_root_is_refused(store, adapters, root, tmp_path):
-    outside = pack_archive(adapters[0], tmp_path / "elsewhere.tar")
-    (root / RUN / "sampler_weights").mkdir(parents=True)
-    os.symlink(outside, root / FORMS["nested archive"])
+@pytest.mark.parametrize("form", FORMS)
+def test_a_form_symlinked_from_outside_the_root_is_refused(store, adapters, root, tmp_path, form):
+    outside = place(adapters[0], tmp_path, "elsewhere" + (".tar" if form.endswith("archive") else ""))
+    (root / FORMS[form]).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(outside, root / FORMS[form])
     with pytest.raises(CheckpointError, match="leads outside the checkpoint root"):
         store.resolve(NAME)
     assert store.list() == []
