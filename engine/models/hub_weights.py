@@ -15,9 +15,12 @@ that converts on the way in: dequantizes, transposes, stacks under other names) 
 yielding every tensor of the exported checkpoint exactly once, by hub name, in the dtype
 it is to be saved in: its own parameters (merged, as they are served) converted back, and
 `base.get(name)` for what it copies through. It may `yield from hub_weights(self, base,
-names)` for the names the default handles. A family whose `config.json` must change too
-(e.g. a quantization_config that no longer applies) defines
-`export_config(self, config: dict) -> dict`.
+names)` for the names the default handles. Two lighter hooks:
+- `hub_names(self, names: list[str]) -> list[str]`: the hub's tensor names for a base
+  holding `names`, when they differ but `param_slice` maps both (Qwen3-MoE: a base with
+  transformers' fused experts is written with one tensor per expert, as the hub has it);
+- `export_config(self, config: dict) -> dict`: config.json as exported, when it must
+  change too (e.g. a quantization_config that no longer applies).
 """
 
 from __future__ import annotations
@@ -70,16 +73,21 @@ def exported_weights(model: nn.Module, base: HubCheckpoint) -> Iterator[tuple[st
 
 def hub_weights(model: nn.Module, base: HubCheckpoint,
                 names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The default export of the base's tensors `names` (default: all of them): each read
-    back from the rows the loader filled, or copied through when the engine does not load
-    it; then a head an adapter untied, if the base stores none.
+    """The default export of the tensors `names` (default: all of the base's, under the
+    family's `hub_names`): each read back from the rows `param_slice` gives it, or copied
+    through from the base when the engine does not load it; then a head an adapter untied,
+    if the base stores none.
 
     Over all names, ValueError if a parameter of the model is left out: that family needs
     its own `export_weights`. Given `names`, the caller answers for the rest.
     """
     params = dict(model.named_parameters())   # a head still tied is not listed apart
     covered = set()
-    for hf_name in base.names if names is None else names:
+    hub_names = getattr(model, "hub_names", None)
+    everything = names is None
+    if everything:
+        names = base.names if hub_names is None else hub_names(base.names)
+    for hf_name in names:
         name, rows = model.param_slice(hf_name)
         if name not in params:
             yield hf_name, base.get(hf_name)
@@ -87,7 +95,7 @@ def hub_weights(model: nn.Module, base: HubCheckpoint,
         covered.add(name)
         weight = params[name].detach()
         yield hf_name, weight if rows is None else weight[rows]
-    if names is not None:
+    if not everything:
         return
     missing = sorted(params.keys() - covered - {UNTIED_HEAD})
     if missing:

@@ -23,6 +23,7 @@ from tests.engine.checkpoints.helpers import (
     save_peft_adapter,
     to_training_service_layout,
 )
+from tests.engine.checkpoints.test_expert_adapter import hand_merged_transformers, service_adapter
 
 TIED = "qwen3-qk-norm-tied"
 NAME = "tinker://run:train:0/sampler_weights/000080"
@@ -192,3 +193,24 @@ def test_the_cli_refuses_to_overwrite_without_force(base, checkpoint, tmp_path, 
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in hub_tensors(out).values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_a_moe_base_is_exported_with_one_tensor_per_expert_whichever_its_layout(
+        tiny_moe_model_dirs, tmp_path, layout):
+    out = export_checkpoint(None, tmp_path / "out", model_dir=tiny_moe_model_dirs[layout],
+                            progress=False)
+    hub, written = hub_tensors(tiny_moe_model_dirs["hub"]), hub_tensors(out)   # as save_pretrained
+    assert written.keys() == hub.keys()
+    for name in hub:
+        assert torch.equal(written[name], hub[name]), name
+
+
+def test_a_moe_export_with_an_expert_adapter_matches_a_hand_merge(tiny_moe_model_dirs, tmp_path):
+    base = tiny_moe_model_dirs["hub"]
+    adapter = service_adapter(base, tmp_path / "root" / "moe-adapter", router=True)
+    out = export_checkpoint("moe-adapter", tmp_path / "out", model_dir=base,
+                            checkpoint_root=tmp_path / "root", progress=False)
+    ids = [5, 17, 42, 99, 7, 23, 61, 130, 8, 77]
+    torch.testing.assert_close(hf_logprobs_fn(out)(ids),
+                               hand_merged_transformers(base, adapter)(ids), atol=1e-4, rtol=0)
