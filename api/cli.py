@@ -7,7 +7,8 @@ import os
 import sys
 
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
-from engine.text.reasoning import REASONING_EFFORTS, REASONING_FORMATS
+from engine.text.reasoning import REASONING_EFFORTS
+from engine.text.reasoning_formats import REASONING_FORMATS
 
 API_KEY_ENV = "POKESERVE_API_KEY"
 _EFFORTS = ", ".join(f"{name}={value}" for name, value in REASONING_EFFORTS.items())
