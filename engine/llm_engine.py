@@ -32,7 +32,7 @@ from engine.checkpoints.merge import LoraManager
 from engine.checkpoints.store import CheckpointStore
 from engine.client import SamplingClient
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, kv_cache_block_bytes
+from engine.model_runner import ModelRunner, cache_capacity
 from engine.models.default_model import fetch_default_model
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
@@ -40,6 +40,7 @@ from engine.outputs import RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
+from engine.state_slots import StateSlotAllocator
 from engine.text.output_processor import OutputProcessor
 from engine.text.tokenizer import Tokenizer
 
@@ -52,6 +53,8 @@ class EngineStats:
     num_total_blocks: int
     num_preemptions: int            # since start
     num_prefix_cached_tokens: int   # since start
+    num_free_state_slots: int = 0   # models with linear-attention layers
+    num_total_state_slots: int = 0
 
 
 class Engine:
@@ -66,18 +69,18 @@ class Engine:
         self.model_config = cfg = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         model = load_model(self.model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
-        num_blocks = ecfg.num_kv_blocks or (
-            ecfg.kv_cache_bytes() // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
-        if num_blocks < 1:
-            raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
-                             "or give kv_cache_memory / num_kv_blocks")
+        num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings, num_blocks * ecfg.block_size)
-        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
+        # A cached block cannot restore a linear-attention state: no prefix caching there.
+        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
+                                          and cfg.linear_attention is None)
+        self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
+        self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
+                                   ecfg.max_num_batched_tokens, state_slots=self.state_slots)
+        self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
         self.checkpoints = CheckpointStore(ecfg.checkpoint_root, self.model_name, cfg)
         # Exact base copies live in host memory: the KV cache already took the GPU's spare.
         self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
@@ -120,9 +123,10 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        s, bm = self.scheduler, self.block_manager
+        s, bm, slots = self.scheduler, self.block_manager, self.state_slots
         return EngineStats(len(s.running), len(s.waiting), bm.num_free_blocks, bm.num_total_blocks,
-                           s.num_preemptions, s.num_prefix_cached_tokens)
+                           s.num_preemptions, s.num_prefix_cached_tokens,
+                           slots.num_free_slots, slots.num_total_slots)
 
     def sampling_client(self, checkpoint: str | None = None) -> SamplingClient:
         """A native client for the base model or a checkpoint (checked now: CheckpointError)."""

@@ -4,10 +4,11 @@ Every step the scheduler hands each chosen sequence a number of new tokens to ru
 one for a decode, up to the whole remaining prompt for a prefill, cut to fit the
 step's token budget (that cut is chunked prefill: a long prompt no longer stalls the
 decodes that run beside it). Running sequences come first, oldest first; waiting
-ones join while the sequence and token budgets and the free blocks allow.
+ones join while the sequence and token budgets and the free blocks allow (and, for a
+model with linear-attention layers, a free state slot: engine.state_slots).
 
-When the cache is full, the youngest running sequence is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed later. Nothing is
+When the cache is full, the youngest running sequence is preempted: its blocks (and
+state slot) are freed and it goes back to the front of the queue, to be recomputed later. Nothing is
 ever dropped.
 
 All sequences of one step share one checkpoint (its LoRA is merged into the weights).
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+from engine.state_slots import StateSlotAllocator
 
 
 @dataclass
@@ -34,8 +36,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16) -> None:
+                 max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
+                 state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
+        self.state_slots = state_slots or StateSlotAllocator(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_steps_per_checkpoint = max_steps_per_checkpoint
@@ -99,6 +103,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
             self.bm.append_slots(seq, n)
+            self.state_slots.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
@@ -119,7 +124,7 @@ class Scheduler:
     def _make_room_to_admit(self, seq: Sequence, num_new_tokens: int, nothing_scheduled: bool) -> bool:
         """A new sequence waits for running ones to finish, unless this step would do
         nothing at all: then paused sequences of other checkpoints give way."""
-        while not self.bm.can_append(seq, num_new_tokens):
+        while not (self.bm.can_append(seq, num_new_tokens) and self.state_slots.can_allocate()):
             if not nothing_scheduled or not self.running:
                 return False
             self.preempt(self.running[-1])
@@ -130,16 +135,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.bm.free_blocks(seq)
+        self.state_slots.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Finished or aborted: free its blocks at once."""
+        """Finished or aborted: free its blocks and state slot at once."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free_blocks(seq)
+        self.state_slots.free(seq)
         seq.status = SequenceStatus.FINISHED
 
     def _pick_checkpoint(self) -> None:
