@@ -31,3 +31,12 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: save_tiny_model(cfg, root / name) for name, cfg in family_configs().items()}
+
+
+@pytest.fixture(scope="session")
+def hybrid_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory of a tiny random Qwen3.5 model (see tests/tiny_models.py)."""
+    from tests.tiny_models import hybrid_configs, save_tiny_model
+
+    root = tmp_path_factory.mktemp("hybrid-models")
+    return {name: save_tiny_model(cfg, root / name) for name, cfg in hybrid_configs().items()}

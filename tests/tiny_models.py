@@ -17,9 +17,9 @@ _CORPUS = ["the quick brown fox jumps over the lazy dog", "pokeserve serves chec
 
 
 def _common(**extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID, **extra)
+    return dict(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID), **extra)
 
 
 def family_configs() -> dict:
@@ -38,12 +38,35 @@ def family_configs() -> dict:
     }
 
 
-def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM
+def hybrid_configs() -> dict:
+    """name -> transformers config of a Qwen3.5 model: three linear-attention layers, then
+    one gated-attention layer, with the hub's multimodal rotary sections."""
+    from transformers import Qwen3_5Config, Qwen3_5TextConfig
 
-    config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
+    text = _common(head_dim=32, num_hidden_layers=4, linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                    "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=4, num_position_embeddings=16)
+    return {
+        "qwen3_5-text": Qwen3_5TextConfig(**text, tie_word_embeddings=False),
+        "qwen3_5-vl-tied": Qwen3_5Config(text_config=text, vision_config=vision,
+                                         tie_word_embeddings=True),
+    }
+
+
+def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
+    """A random model saved in the layout its config names (a vision-language config
+    saves the whole vision-language model, tower included)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
+    config.get_text_config().vocab_size = vocab_size
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make the random model less flat, so greedy choices are clear-cut
         for p in model.parameters():
             if p.dim() == 2:

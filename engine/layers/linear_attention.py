@@ -72,9 +72,9 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = Linear(hidden_size, spec.value_dim, bias=False)
         self.in_proj_b = Linear(hidden_size, hv, bias=False)
         self.in_proj_a = Linear(hidden_size, hv, bias=False)
-        channels, kernel = spec.conv_shape[0], spec.conv_kernel
-        self.conv1d = nn.Module()   # Hugging Face's name: the weight loads as `conv1d.weight`
-        self.conv1d.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        channels = spec.conv_shape[0]
+        # Only its weight [C, 1, K] is used (engine.layers.causal_conv carries the state).
+        self.conv1d = nn.Conv1d(channels, channels, spec.conv_kernel, groups=channels, bias=False)
         self.A_log = nn.Parameter(torch.empty(hv))
         self.dt_bias = nn.Parameter(torch.ones(hv))
         self.norm = GatedRMSNorm(spec.value_head_dim, eps)

@@ -14,6 +14,9 @@ from engine.models.registry import model_class
 
 # Hugging Face keeps these buffers in some checkpoints; we recompute them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What the engine never runs, skipped unread as transformers skips it: a vision-language
+# checkpoint's vision tower, and multi-token-prediction heads (Qwen3.5, DeepSeek-V3).
+IGNORED_PREFIXES = ("model.visual.", "mtp.")
 
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
@@ -34,8 +37,7 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
             with safe_open(path, framework="pt") as f:
                 for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,
                                     leave=False):
-                    if hf_name.endswith(IGNORED_SUFFIXES) or (
-                            cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                    if _ignored(hf_name, cfg):
                         continue
                     name, rows = model.param_slice(hf_name)
                     if name not in params:
@@ -47,3 +49,8 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
     if missing:
         raise ValueError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
     return model.eval()
+
+
+def _ignored(hf_name: str, cfg: ModelConfig) -> bool:
+    return (hf_name.endswith(IGNORED_SUFFIXES) or hf_name.startswith(IGNORED_PREFIXES)
+            or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"))

@@ -13,30 +13,23 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
 from engine.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm, l2_normalize
 
 DIM = 16
+NORMS = {  # ours, theirs, how many inputs
+    "zero-centred": (ZeroCenteredRMSNorm, Qwen3_5RMSNorm, 1),
+    "gated": (GatedRMSNorm, Qwen3_5RMSNormGated, 2),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_zero_centred_rmsnorm_matches_transformers(dtype):
+@pytest.mark.parametrize("norm", NORMS)
+def test_norm_with_random_weight_matches_transformers_exactly(norm, dtype):
+    ours_class, theirs_class, num_inputs = NORMS[norm]
     gen = torch.Generator().manual_seed(0)
-    ours, theirs = ZeroCenteredRMSNorm(DIM, 1e-6), Qwen3_5RMSNorm(DIM, 1e-6)
+    ours, theirs = ours_class(DIM, 1e-6), theirs_class(DIM, 1e-6)
     with torch.no_grad():
         theirs.weight.copy_(torch.randn(DIM, generator=gen))
         ours.weight.copy_(theirs.weight)
-    ours, theirs = ours.to(dtype), theirs.to(dtype)
-    x = torch.randn(5, 3, DIM, generator=gen).to(dtype)
-    assert torch.equal(ours(x), theirs(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_rmsnorm_matches_transformers(dtype):
-    gen = torch.Generator().manual_seed(1)
-    ours, theirs = GatedRMSNorm(DIM, 1e-6), Qwen3_5RMSNormGated(DIM, 1e-6)
-    with torch.no_grad():
-        theirs.weight.copy_(torch.randn(DIM, generator=gen))
-        ours.weight.copy_(theirs.weight)
-    ours, theirs = ours.to(dtype), theirs.to(dtype)
-    x, z = (torch.randn(7, DIM, generator=gen).to(dtype) for _ in range(2))
-    assert torch.equal(ours(x, z), theirs(x, z))
+    inputs = [torch.randn(5, 3, DIM, generator=gen).to(dtype) for _ in range(num_inputs)]
+    assert torch.equal(ours.to(dtype)(*inputs), theirs.to(dtype)(*inputs))
 
 
 def test_l2_normalize_matches_transformers_and_gives_unit_vectors():

@@ -8,9 +8,9 @@ prefix-cache hits, preemption (a cache too small for the batch) and chunked pref
 from __future__ import annotations
 
 import pytest
-import torch
 
-from engine import Engine, ModelInput, SamplingParams
+from engine import Engine
+from tests.engine.models.oracle import assert_engine_decodes_like_transformers, transformers_greedy
 from tests.tiny_models import family_configs
 
 NEW_TOKENS = 32
@@ -25,24 +25,9 @@ ENGINE_LAYOUTS = {
 }
 
 
-def transformers_greedy(model_dir, prompt: list[int]) -> tuple[list[int], list[float]]:
-    """Greedy decoding by hand with full recomputation: the plainest possible oracle."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids, logprobs = list(prompt), []
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            token = int(logits.argmax())
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            ids.append(token)
-    return ids[len(prompt):], logprobs
-
-
 @pytest.fixture(scope="module")
 def oracle(tiny_model_dirs):
-    return {name: [transformers_greedy(tiny_model_dirs[name], p) for p in PROMPTS]
+    return {name: [transformers_greedy(tiny_model_dirs[name], p, NEW_TOKENS) for p in PROMPTS]
             for name in tiny_model_dirs}
 
 
@@ -51,19 +36,8 @@ def oracle(tiny_model_dirs):
 def test_greedy_tokens_and_logprobs_match_transformers(family, layout, tiny_model_dirs, oracle):
     engine = Engine(tiny_model_dirs[family], progress=False, **ENGINE_LAYOUTS[layout])
     try:
-        client = engine.sampling_client()
-        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, stop=[])
-        # One prompt first, so the shared prefix is cached; then the rest all at once: they
-        # batch, hit the prefix cache, and (tiny cache) preempt each other.
-        first = client.sample(ModelInput.from_ints(PROMPTS[1]), 1, params)
-        first.result(timeout=120)
-        futures = [client.sample(ModelInput.from_ints(p), 1, params) for p in PROMPTS]
-        for future, (want_tokens, want_logprobs) in zip([first] + futures, oracle[family]
-                                                        [1:2] + oracle[family]):
-            seq = future.result(timeout=120).sequences[0]
-            assert seq.tokens == want_tokens
-            torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(want_logprobs),
-                                       atol=1e-4, rtol=0)
+        # PROMPTS[1] alone first, so the shared prefix is cached: the others then hit it.
+        assert_engine_decodes_like_transformers(engine, PROMPTS, oracle[family], NEW_TOKENS)
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
         block_size = ENGINE_LAYOUTS[layout]["block_size"]
