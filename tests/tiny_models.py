@@ -52,8 +52,9 @@ def hybrid_configs() -> dict:
                   patch_size=4, num_position_embeddings=16)
     return {
         "qwen3_5-text": Qwen3_5TextConfig(**text, tie_word_embeddings=False),
-        "qwen3_5-vl-tied": Qwen3_5Config(text_config=text, vision_config=vision,
-                                         tie_word_embeddings=True),
+        # The vision-language model ties by its own flag; the hub sets the text one alike.
+        "qwen3_5-vl-tied": Qwen3_5Config(text_config=dict(text, tie_word_embeddings=True),
+                                         vision_config=vision, tie_word_embeddings=True),
     }
 
 

@@ -10,7 +10,10 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
 - PEFT: `base_model.model.<m>.lora_A.weight`; the input embedding as
   `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
 - the training service: the output head as `model.unembed_tokens` (means `lm_head`)
-  and the input embedding with plain `lora_A.weight` / `lora_B.weight`.
+  and the input embedding with plain `lora_A.weight` / `lora_B.weight`; for Qwen3.5,
+  separate `in_proj_q`, `in_proj_k`, `in_proj_v` factors for slices of the fused
+  `in_proj_qkv` (the model's `param_slice` places them);
+- a vision-language model's text modules as `model.language_model.<...>`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
 delta is `(B @ A).T`. MoE expert tensors (`experts.w1/w2/w3`) are refused: the engine
 serves dense models only.
@@ -37,6 +40,9 @@ PICKLE_FILE = "adapter_model.bin"
 LM_HEAD, EMBEDDING = "lm_head", "model.embed_tokens"
 # Module names the training service uses for what Hugging Face calls otherwise.
 MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
+# A vision-language checkpoint (Qwen3.5) nests the text model: PEFT over it names
+# `model.language_model.layers...` what the text model calls `model.layers...`.
+LANGUAGE_MODEL_PREFIX = re.compile(r"^model\.language_model\.")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 _LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
@@ -145,6 +151,7 @@ def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) 
     if ".experts." in name or leaf in MOE_MODULES:
         raise CheckpointInvalid(f"{name}: MoE expert adapters are not supported "
                                 "(this engine serves dense models only)")
+    name = LANGUAGE_MODEL_PREFIX.sub("model.", name)
     name = MODULE_ALIASES.get(name, name)
     if name in targets:
         return name

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear_attention import StateSlotMetadata
 from engine.model_runner import allocate_kv_caches
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model
@@ -67,18 +68,22 @@ def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
 
 
 def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> LogprobsFn:
-    """Our model on one sequence prefilled at once into fresh zero KV caches."""
+    """Our model on one sequence prefilled at once into fresh zero KV caches (and, for a
+    hybrid model, a fresh state slot)."""
     cfg = model.cfg
     dtype = model.embed_tokens.weight.dtype
+    has_state = cfg.linear_attention is not None
 
     @torch.inference_mode()
     def logprobs(ids: list[int]) -> torch.Tensor:
         n = len(ids)
         num_blocks = -(-n // block_size)
-        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu")
+        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu",
+                                    num_state_slots=1)
+        state_slots = StateSlotMetadata.build([0], [True], 0, "cpu") if has_state else None
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
                                  context_lens=[n], query_lens=[n], num_decodes=0,
-                                 block_size=block_size)
+                                 block_size=block_size, state_slots=state_slots)
         hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
         return torch.log_softmax(model.compute_logits(hidden), dim=-1)
     return logprobs
