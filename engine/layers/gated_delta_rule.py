@@ -35,13 +35,14 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     q, k: [B, H, Dk]; v: [B, H, Dv]; g, beta: [B, H]; state: [B, H, Dk, Dv]
     -> output [B, H, Dv] and the new state [B, H, Dk, Dv], float32."""
-    q = q.float() * q.shape[-1] ** -0.5
-    k, v, g, beta = k.float(), v.float(), g.float(), beta.float()
-    state = state.float() * g.exp()[..., None, None]
-    predicted = torch.einsum("bhk,bhkv->bhv", k, state)               # S'^T k
-    correction = beta[..., None] * (v - predicted)                     # d: [B, H, Dv]
-    state = state + k[..., :, None] * correction[..., None, :]
-    return torch.einsum("bhk,bhkv->bhv", q, state), state
+    b, h, dk = q.shape
+    # Sequences and heads flattened: every product is one batched matmul over B * H.
+    q = (q.float() * dk ** -0.5).view(b * h, 1, dk)
+    k = k.float().view(b * h, 1, dk)
+    state = (state.float() * g.float().exp()[..., None, None]).view(b * h, dk, -1)   # S'
+    correction = beta.float()[..., None] * (v.float() - (k @ state).view(b, h, -1))  # d
+    state.baddbmm_(k.transpose(1, 2), correction.view(b * h, 1, -1))  # S' + k d^T, in place
+    return (q @ state).view(b, h, -1), state.view(b, h, dk, -1)
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

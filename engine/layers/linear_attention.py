@@ -115,8 +115,9 @@ def _per_sequence(meta: AttentionMetadata, pool: torch.Tensor, inputs: tuple[tor
     slots, d = meta.state_slots, meta.num_decodes
     outs = []
     if d:
-        out, new_state = decodes(*(t[:d] for t in inputs), pool[slots.decode_slots])
-        pool[slots.decode_slots] = new_state.to(pool.dtype)
+        # index_select / index_copy_: on the CPU faster than indexing with a tensor
+        out, new_state = decodes(*(t[:d] for t in inputs), pool.index_select(0, slots.decode_slots))
+        pool.index_copy_(0, slots.decode_slots, new_state.to(pool.dtype))
         outs.append(out)
     start = d
     for i in range(d, len(meta.query_lens)):
