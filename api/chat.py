@@ -2,10 +2,10 @@
 
 The template is the served checkpoint's own `chat_template.jinja` when it ships one,
 else the model's. For a model with a reasoning format (the server's --reasoning-parser,
-else the markers its template writes), each choice's text passes through a
-`ReasoningSplitter`: with `separate_reasoning` (the default) the trace goes to
-`reasoning_content` (mirrored as `reasoning`) and the answer to `content`; without, the
-text stays whole in `content` and the splitter only counts the trace's tokens.
+else the markers its template writes), the engine's text pipeline splits each choice's
+output: with `separate_reasoning` (the default) the trace goes to `reasoning_content`
+(mirrored as `reasoning`) and the answer to `content`; without, the text stays whole in
+`content` and the trace's tokens are still counted. This module only shapes the deltas.
 
 `reasoning_effort` sets a thinking budget, ceil(effort * reasoning budget) tokens, after
 which the engine forces the format's end marker; the reasoning budget is the server's
@@ -15,55 +15,23 @@ It applies only when the prompt opens the trace (not with `enable_thinking=false
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
 
 from api.errors import APIError
-from api.generation import Choice, Generation
+from api.generation import Generation
 from api.logprobs import LogprobFormatter
 from api.protocol import ChatCompletionRequest
 from api.sse import sse_response
 from api.state import Accepted, accept, server_state
-from engine import RequestOutput, SamplingParams
-from engine.text.reasoning import (
-    ReasoningFormat,
-    ReasoningSplitter,
-    prompt_opens_trace,
-    thinking_budget,
-)
+from engine import ReasoningOptions, RequestOutput
+from engine.text.reasoning import thinking_budget
 
 bp = Blueprint("chat", __name__)
 
 # render_chat's own arguments: chat_template_kwargs may not set them.
 _RENDER_ARGUMENTS = {"add_generation_prompt", "continue_final_message", "tools", "chat_template"}
-
-
-class _Inline:
-    """Every piece of text is content: `separate_reasoning=false`, or no reasoning
-    format. With a format, a splitter still follows the trace to count its tokens."""
-
-    def __init__(self, counter: ReasoningSplitter | None) -> None:
-        self.counter = counter
-
-    @property
-    def reasoning_tokens(self) -> int:
-        return self.counter.reasoning_tokens if self.counter else 0
-
-    def feed(self, text: str, num_tokens: int = 0) -> tuple[str, str]:
-        if self.counter:
-            self.counter.feed(text, num_tokens)
-        return "", text
-
-    def finish(self) -> tuple[str, str]:
-        return "", ""
-
-
-def _output_splitter(req: ChatCompletionRequest, fmt: ReasoningFormat | None,
-                     prompt_text: str) -> ReasoningSplitter | _Inline:
-    splitter = ReasoningSplitter(fmt, prompt_text) if fmt else None
-    return splitter if splitter and req.separate_reasoning else _Inline(splitter)
 
 
 @bp.post("/v1/chat/completions")
@@ -81,29 +49,26 @@ def create_chat_completion() -> Response:
                                 add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    params = _with_thinking_budget(job, prompt_text, len(prompt_ids))
-    gen.submit([prompt_ids], params, req.n, job.model.checkpoint)
-    splitters = [_output_splitter(req, fmt, prompt_text) for _ in gen.choices]
-    chat = _Chat(req, splitters, gen, LogprobFormatter(tokenizer))
+    reasoning = None if fmt is None else ReasoningOptions(
+        fmt, separate=req.separate_reasoning, budget=_thinking_budget(job, len(prompt_ids)))
+    gen.submit([prompt_ids], job.params, req.n, job.model.checkpoint, reasoning)
+    chat = _Chat(req, gen, LogprobFormatter(tokenizer))
     if req.stream:
         return sse_response(chat.chunks(), gen)
     return jsonify(chat.response())
 
 
-def _with_thinking_budget(job: Accepted, prompt_text: str,
-                          num_prompt_tokens: int) -> SamplingParams:
-    """The request's sampling params, plus the thinking budget its reasoning_effort sets
-    when the prompt opens a trace for the output to think in."""
-    fmt, effort = job.model.reasoning_format, job.req.reasoning_effort
-    if effort is None or not prompt_opens_trace(fmt, prompt_text):
-        return job.params
+def _thinking_budget(job: Accepted, num_prompt_tokens: int) -> int | None:
+    """The trace tokens that the request's reasoning_effort allows (None: no limit): a
+    fraction of the server's --reasoning-budget, else of the request's token limit, else
+    of the context the prompt leaves. The engine applies it if the prompt opens a trace."""
+    effort = job.req.reasoning_effort
+    if effort is None:
+        return None
     limits = (server_state().config.reasoning_budget, job.params.max_tokens)
     budget = next((limit for limit in limits if limit is not None),
                   max(0, job.engine.max_model_len - num_prompt_tokens))
-    end_ids = job.engine.tokenizer.encode(fmt.forced_end, add_special_tokens=False)
-    return dataclasses.replace(job.params, reasoning_format=fmt, thinking_end_ids=end_ids,
-                               thinking_budget=thinking_budget(effort, budget),
-                               thinking_open_at_start=True)
+    return thinking_budget(effort, budget)
 
 
 def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict, **render_args) -> str:
@@ -122,25 +87,14 @@ def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict, **rend
 
 
 class _Chat:
-    def __init__(self, req: ChatCompletionRequest, splitters: list[ReasoningSplitter | _Inline],
-                 gen: Generation, fmt: LogprobFormatter) -> None:
-        self.req, self.splitters, self.gen, self.fmt = req, splitters, gen, fmt
-
-    def _split(self, choice: Choice, out: RequestOutput) -> tuple[str, str]:
-        splitter = self.splitters[choice.index]
-        reasoning, content = splitter.feed(out.text, len(out.token_ids))
-        if out.finished:
-            last_reasoning, last_content = splitter.finish()
-            reasoning, content = reasoning + last_reasoning, content + last_content
-        return reasoning, content
+    def __init__(self, req: ChatCompletionRequest, gen: Generation, fmt: LogprobFormatter) -> None:
+        self.req, self.gen, self.fmt = req, gen, fmt
 
     def _logprobs(self, out: RequestOutput) -> list[dict]:
         if not self.req.logprobs:
             return []
         return self.fmt.chat(out.token_ids, out.logprobs, out.top_logprobs)
 
-    def _usage(self) -> dict:
-        return self.gen.usage(sum(s.reasoning_tokens for s in self.splitters))
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": f"chatcmpl-{self.gen.id}", "object": obj, "created": self.gen.created,
@@ -151,16 +105,15 @@ class _Chat:
         logprobs: list[list[dict]] = [[] for _ in self.gen.choices]
         try:
             for choice, out in self.gen.outputs():
-                reasoning, content = self._split(choice, out)
-                texts[choice.index][0] += reasoning
-                texts[choice.index][1] += content
+                texts[choice.index][0] += out.reasoning
+                texts[choice.index][1] += out.content
                 logprobs[choice.index] += self._logprobs(out)
         finally:
             self.gen.abort()
         choices = [{"index": c.index, "message": _message(*texts[c.index]),
                     "logprobs": {"content": logprobs[c.index]} if self.req.logprobs else None,
                     "finish_reason": c.finish_reason} for c in self.gen.choices]
-        return {**self._envelope("chat.completion", choices), "usage": self._usage()}
+        return {**self._envelope("chat.completion", choices), "usage": self.gen.usage()}
 
     def chunks(self) -> Iterator[dict]:
         usage = {"usage": None} if self.req.include_usage else {}
@@ -171,11 +124,10 @@ class _Chat:
                                            "finish_reason": None}]), **usage}
         pending: list[list[dict]] = [[] for _ in self.gen.choices]   # logprobs not yet sent
         for choice, out in self.gen.outputs():
-            reasoning, content = self._split(choice, out)
             pending[choice.index] += self._logprobs(out)
             # Reasoning and content released together go out as two chunks, reasoning
             # first, so that no chunk mixes the two.
-            deltas = [d for d in (_delta(reasoning=reasoning), _delta(content=content)) if d]
+            deltas = [d for d in (_delta(reasoning=out.reasoning), _delta(content=out.content)) if d]
             if out.finished and not deltas:
                 deltas = [{}]
             for k, delta in enumerate(deltas):
@@ -187,7 +139,7 @@ class _Chat:
                     "finish_reason": out.finish_reason if out.finished and last else None}]),
                     **usage}
         if self.req.include_usage:
-            yield {**self._envelope(obj, []), "usage": self._usage()}
+            yield {**self._envelope(obj, []), "usage": self.gen.usage()}
 
 
 def _message(reasoning: str, content: str) -> dict:

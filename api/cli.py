@@ -58,7 +58,9 @@ def _load_engine(args: argparse.Namespace):
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
     options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    return Engine(args.model, start=False, **options)   # serve() runs its loop
+    # The core in a process of its own: its loop runs on that process's main thread, away
+    # from the HTTP threads' GIL.
+    return Engine(args.model, core="process", **options)
 
 
 def _add_serve_parser(commands) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from api.errors import APIError, ClientGone, engine_error
 from api.metrics import Metrics
-from engine import RequestOutput, RequestStream, SamplingParams
+from engine import Engine, ReasoningOptions, RequestOutput, RequestStream, SamplingParams
+from engine.checkpoints.store import CheckpointInfo
 
 # How often a waiting request thread checks whether its client disconnected.
 _POLL_SECONDS = 0.5
@@ -35,10 +36,11 @@ class Choice:
     finish_reason: str | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_reasoning_tokens: int = 0
 
 
 class Generation:
-    def __init__(self, engine, metrics: Metrics, disconnected: Callable[[], bool]) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, disconnected: Callable[[], bool]) -> None:
         self.engine = engine
         self.metrics = metrics
         self.disconnected = disconnected
@@ -49,17 +51,17 @@ class Generation:
         self.num_prompt_tokens = 0
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
-               checkpoint: str | None) -> None:
-        """Queue every (prompt, sample); a refusal aborts those already queued (400/404)."""
+               checkpoint: CheckpointInfo | None, reasoning: ReasoningOptions | None = None) -> None:
+        """Queue `n` samples of every prompt (each prompt is computed once for all its
+        samples); a refusal aborts those already queued (400)."""
         self.n = n
         try:
             for p, prompt_ids in enumerate(prompts):
-                for i in range(n):
-                    request_id = f"{self.id}-{p}-{i}"
-                    stream = self.engine.add_request(prompt_ids, params, checkpoint=checkpoint,
-                                                     request_id=request_id, sample_index=i)
-                    self.choices.append(Choice(len(self.choices), p, request_id, stream,
-                                               time.monotonic()))
+                streams = self.engine.add_request(prompt_ids, params, num_samples=n,
+                                                  request_id=f"{self.id}-{p}",
+                                                  checkpoint=checkpoint, reasoning=reasoning)
+                self.choices += [Choice(len(self.choices) + i, p, stream.request_id, stream,
+                                        time.monotonic()) for i, stream in enumerate(streams)]
         except ValueError as exc:
             self.abort()
             raise engine_error(exc) from None
@@ -79,12 +81,12 @@ class Generation:
             if all(c.finished for c in self.choices):
                 return
 
-    def usage(self, reasoning_tokens: int = 0) -> dict:
+    def usage(self) -> dict:
         """OpenAI `usage`: each prompt counts once, whatever `n`; cached tokens are the
-        prefix-cache hits of each prompt's first sample. `reasoning_tokens` (of all
-        choices) is the caller's: only the chat route knows where a trace ends."""
+        prefix-cache hits of each prompt's first sample."""
         prompt_tokens = self.num_prompt_tokens
         completion_tokens = sum(c.num_output_tokens for c in self.choices)
+        reasoning_tokens = sum(c.num_reasoning_tokens for c in self.choices)
         cached = sum(c.num_cached_tokens for c in self.choices if c.index % self.n == 0)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
@@ -126,6 +128,7 @@ class Generation:
         self.metrics.generation_tokens.inc(len(out.token_ids))
         choice.num_output_tokens += len(out.token_ids)
         choice.num_cached_tokens = max(choice.num_cached_tokens, out.num_cached_tokens)
+        choice.num_reasoning_tokens = max(choice.num_reasoning_tokens, out.reasoning_tokens)
         if out.finished:
             choice.finished, choice.finish_reason = True, out.finish_reason
             if out.finish_reason == "error":

@@ -2,7 +2,8 @@
 
 The port opens at once and `/health` answers 503 while the engine loads; a failed load
 stops the server with an error. HTTP is served from waitress's threads while the main
-thread loads the model and then runs the engine loop until Ctrl-C or SIGTERM. Each
+thread loads the model (the engine's core runs in a process of its own) and then waits
+for Ctrl-C or SIGTERM, or for the core to die. Each
 streaming client holds one waitress thread for its whole stream, so the pool is sized
 well above the engine's batch. `channel_request_lookahead` lets waitress notice a client
 that hangs up while its request is still running, so its sequences are aborted."""
@@ -25,11 +26,7 @@ log = logging.getLogger("pokeserve.server")
 
 def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, port: int,
           threads: int) -> int:
-    """Serve until interrupted (Ctrl-C or SIGTERM); return the process exit status.
-
-    `load_engine` must build the engine with `start=False`: its loop then runs here, on
-    the main thread, where PyTorch's CPU thread pool is fastest (see engine.llm_engine).
-    """
+    """Serve until interrupted (Ctrl-C or SIGTERM); return the process exit status."""
     app = create_app(None, config)
     state = app.extensions["pokeserve"]
     server = create_server(app, host=host, port=port, threads=threads,
@@ -46,15 +43,16 @@ def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, po
         except Exception:   # anything at all while loading: report it and stop serving
             log.exception("could not start the engine")
             return 1
-        for signum in (signal.SIGINT, signal.SIGTERM):   # from now on: end the loop cleanly
-            signal.signal(signum, lambda *_: engine.shutdown())
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):   # from now on: end cleanly
+            signal.signal(signum, lambda *_: stop.set())
         log.info("serving %s on http://%s:%s/v1", ", ".join(state.base_names), host,
                  server.effective_port)
-        try:
-            engine.run()
-        except Exception:   # a bug in the engine loop: its requests were failed; stop serving
-            log.exception("the engine loop failed")
-            return 1
+        while not stop.wait(timeout=1.0):
+            if not engine.is_alive():   # a bug in the engine: its requests were failed
+                log.error("the engine stopped; shutting down")
+                return 1
+        engine.shutdown()
         log.info("shut down")
         return 0
     finally:

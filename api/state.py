@@ -14,7 +14,9 @@ from api.errors import APIError, engine_error
 from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import parse_request
+from engine import Engine
 from engine.checkpoints.errors import CheckpointError
+from engine.checkpoints.store import CheckpointInfo
 from engine.sampling_params import SamplingParams
 from engine.text.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
 
@@ -37,7 +39,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    checkpoint: str | None      # None: the base model
+    checkpoint: CheckpointInfo | None   # resolved once per request; None: the base model
     chat_template: str | None   # the checkpoint's own template, else None (the model's)
     reasoning_format: ReasoningFormat | None = None   # None: no separable trace
 
@@ -46,19 +48,17 @@ class ResolvedModel:
 class ServerState:
     config: ServerConfig
     metrics: Metrics
-    engine: object | None = None   # engine.Engine once loaded
+    engine: Engine | None = None   # once loaded
     started: float = field(default_factory=time.time)
-    _checkpoints: Any = None   # engine.checkpoints.CheckpointStore
 
-    def set_engine(self, engine) -> None:
-        self._checkpoints = engine.checkpoints
+    def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.metrics.watch(engine)
 
     def engine_alive(self) -> bool:
         return self.engine is not None and self.engine.is_alive()
 
-    def require_engine(self):
+    def require_engine(self) -> Engine:
         """The engine, or a 503 while it loads or after it stopped, or a 429 while too
         many requests already wait for it."""
         if self.engine is None:
@@ -84,15 +84,16 @@ class ServerState:
         if name in self.base_names or name in (engine.model_name, str(engine.model_dir)):
             return self._resolved(None, None)
         try:
-            info = self._checkpoints.resolve(name)
+            info = engine.checkpoints.resolve(name)
         except CheckpointError as exc:
             raise engine_error(exc) from None
         if info is None:
             return self._resolved(None, None)
         template = info.chat_template.read_text() if info.chat_template else None
-        return self._resolved(name, template)
+        return self._resolved(info, template)
 
-    def _resolved(self, checkpoint: str | None, chat_template: str | None) -> ResolvedModel:
+    def _resolved(self, checkpoint: CheckpointInfo | None,
+                  chat_template: str | None) -> ResolvedModel:
         """The reasoning format is the server's --reasoning-parser, else the one whose
         markers the template in use writes (the checkpoint's own, else the model's)."""
         if self.config.reasoning_parser is not None:
@@ -108,7 +109,7 @@ class ServerState:
         cards = [{**card, "id": name, "created": int(self.started), "root": str(engine.model_dir),
                   "parent": None} for name in self.base_names]
         cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
-                   "parent": self.base_names[0]} for info in self._checkpoints.list()]
+                   "parent": self.base_names[0]} for info in engine.checkpoints.list()]
         return cards
 
 
@@ -129,7 +130,7 @@ class Accepted:
     req: Any                 # the endpoint's pydantic request
     params: SamplingParams
     model: ResolvedModel
-    engine: Any              # engine.Engine
+    engine: Engine
     generation: Generation
 
 

@@ -12,11 +12,11 @@ block manager) import without loading torch.
 import importlib
 
 _EXPORTS = {
-    "Engine": "engine.llm_engine", "EngineStats": "engine.llm_engine",
+    "Engine": "engine.llm_engine", "EngineStats": "engine.outputs",
     "ModelInput": "engine.client", "SampleResponse": "engine.client",
     "SampledSequence": "engine.client", "SamplingClient": "engine.client",
     "RequestOutput": "engine.outputs", "RequestStream": "engine.outputs",
-    "SamplingParams": "engine.sampling_params",
+    "SamplingParams": "engine.sampling_params", "ReasoningOptions": "engine.text.pipeline",
 }
 __all__ = list(_EXPORTS)
 

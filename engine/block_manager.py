@@ -7,6 +7,10 @@ against the stored token ids, so a hash collision can only cost a miss.
 
 Freed blocks keep their contents and hash until they are handed out again, oldest
 freed first, so a prefix that was used recently stays reusable as long as possible.
+
+Forking (the samples of one prompt, after its one prefill) shares the parent's full
+blocks by reference count and copies its partial last block, which each child goes on
+writing on its own.
 """
 
 from __future__ import annotations
@@ -85,6 +89,17 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
+    def prompt_block_hashes(self, seq: Sequence) -> list[int]:
+        """The chained hashes of the prompt's full blocks (what a prefix hit would match)."""
+        h, bs, hashes = checkpoint_seed(seq), self.block_size, []
+        for start in range(0, seq.num_prompt_tokens - bs + 1, bs):
+            h = chain_hash(h, tuple(seq.prompt_ids[start:start + bs]))
+            hashes.append(h)
+        return hashes
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self.hash_to_block
+
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         total = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
         return total - len(seq.block_table) <= len(self.free)
@@ -93,10 +108,25 @@ class BlockManager:
         """Grow the block table to hold `num_new_tokens` more tokens (check can_append first)."""
         total = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
         while len(seq.block_table) < total:
-            block_id = next(iter(self.free))
-            self._evict(block_id)
+            seq.block_table.append(self._allocate())
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
+        """Give `child` the cache of `parent`'s computed tokens: full blocks shared, the
+        partial last one copied. Returns the (source, destination) block copies to make
+        before the child writes to it, or None (nothing changed) if no block is free."""
+        assert not child.block_table
+        full, partial = divmod(parent.num_computed_tokens, self.block_size)
+        if partial and not self.free:
+            return None
+        for block_id in parent.block_table[:full]:
             self._take(block_id)
-            seq.block_table.append(block_id)
+            child.block_table.append(block_id)
+        copies = []
+        if partial:
+            child.block_table.append(self._allocate())
+            copies.append((parent.block_table[full], child.block_table[-1]))
+        child.num_computed_tokens = parent.num_computed_tokens
+        return copies
 
     def cache_full_blocks(self, seq: Sequence, old_num_computed: int) -> None:
         """Register the blocks that the last step filled, so later prompts can share them."""
@@ -123,6 +153,13 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
+
+    def _allocate(self) -> int:
+        """A free block for new content: the least recently freed one, its old hash dropped."""
+        block_id = next(iter(self.free))
+        self._evict(block_id)
+        self._take(block_id)
+        return block_id
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

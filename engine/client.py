@@ -61,14 +61,15 @@ class SamplingClient:
                sampling_params: SamplingParams | None = None,
                include_prompt_logprobs: bool = False,
                topk_prompt_logprobs: int = 0) -> Future[SampleResponse]:
-        """Queue `num_samples` samples of `prompt`; raises ValueError at once for bad input."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        """Queue `num_samples` samples of `prompt`, which share its one prefill; raises
+        ValueError at once for bad input (CheckpointError if the checkpoint went bad)."""
         params = sampling_params or SamplingParams()
         if include_prompt_logprobs or topk_prompt_logprobs:
             params = replace(params, prompt_logprobs=topk_prompt_logprobs)
-        streams = [self.engine.add_request(prompt.to_ints(), params, self.checkpoint,
-                                           sample_index=i) for i in range(num_samples)]
+        # Resolved once per call: a checkpoint re-saved since the last call is served anew.
+        info = self.engine.checkpoints.resolve(self.checkpoint) if self.checkpoint else None
+        streams = self.engine.add_request(prompt.to_ints(), params, num_samples=num_samples,
+                                          checkpoint=info)
         return _collectors.submit(_collect, streams, topk_prompt_logprobs > 0)
 
     async def sample_async(self, *args, **kwargs) -> SampleResponse:

@@ -1,132 +1,111 @@
-"""The engine: one thread owns the model and runs the loop; callers only enqueue and read streams.
+"""The engine as callers see it: validate and queue requests, stream their outputs back.
 
-    caller threads ── add_request / abort ──> inbox ──> engine loop (one thread)
-                                                         │ scheduler.schedule()
-                                                         │ runner.execute()  (model + sampler)
-                                                         │ output_processor.process()
-    caller threads <── RequestStream (one per request) <─┘
+    caller threads ── add_request / abort ──> core (engine.engine_core, see core_client)
+    caller threads <── RequestStream (one per sample) <── StepOutputs, dispatched here
 
-By default the loop runs in a background thread of its own. With `start=False` the
-caller runs it instead, with `run()`, which `pokeserve serve` does on the main thread.
-On the CPU that is worth a lot: libgomp (PyTorch's OpenMP runtime) lets the worker
-threads of a team started by any thread but the process's first one spin only briefly
-when there are as many threads as cores, so each of the thousand-odd parallel regions of
-a step pays to wake them up. On a 2-core machine a step runs 1.3x (64 sequences) to 1.6x
-(one sequence) faster on the main thread; BENCHMARKS.md has the figures.
+What stays on the caller's side: the tokenizer, the model's config, the checkpoint
+store (it holds no state), request validation (so a bad request raises at once) and
+the latest `stats()` the core reported. The model, the KV cache, the scheduler and the
+LoRA merges live in the core, by default in a process of its own (`core="process"`);
+`core="thread"` keeps it in this process, in a background thread, and `core="inline"`
+too, for the caller to run with `run()` on a thread of its choice. In both in-process
+modes `engine.core` is the EngineCore itself, for tests and benchmarks of its parts.
 """
 
 from __future__ import annotations
 
-import queue
+import os
 import random
 import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 
 import xxhash
 
-from engine.block_manager import BlockManager
-from engine.checkpoints.merge import LoraManager
-from engine.checkpoints.store import CheckpointStore
+from engine.checkpoints.store import CheckpointInfo, CheckpointStore
 from engine.client import SamplingClient
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, cache_capacity
+from engine.core_client import ProcessCore, ThreadCore
+from engine.messages import AbortRequest, AddRequest, CoreSpec, StepOutputs
 from engine.models.default_model import fetch_default_model
-from engine.models.loader import load_model
 from engine.models.registry import load_model_config
-from engine.outputs import RequestOutput, RequestStream
+from engine.outputs import EngineStats, RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence
-from engine.state_slots import StateSlotAllocator
-from engine.text.output_processor import OutputProcessor
+from engine.text.pipeline import ReasoningOptions
 from engine.text.tokenizer import Tokenizer
 
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    num_preemptions: int            # since start
-    num_prefix_cached_tokens: int   # since start
-    num_free_state_slots: int = 0   # models with linear-attention layers
-    num_total_state_slots: int = 0
+CORE_MODES = ("process", "thread", "inline")
+# Where the core runs when the caller does not say: "process" unless this variable says
+# otherwise (the test suite runs most engines in a thread: a process costs seconds to start).
+CORE_ENV_VAR = "POKESERVE_ENGINE_CORE"
 
 
 class Engine:
-    def __init__(self, model: str | Path | None = None, *, progress: bool = True,
-                 start: bool = True, **options) -> None:
+    def __init__(self, model: str | Path | None = None, *, core: str | None = None,
+                 progress: bool = True, **options) -> None:
         """`model`: a Hugging Face model directory; None serves the embedded default model.
-        `start`: run the loop in a background thread; with False, call `run()` yourself.
+        `core`: where the engine core runs (see the module docstring; default "process").
         `options` are the fields of EngineConfig (device, dtype, block_size, ...)."""
-        self.config = ecfg = EngineConfig(**options)
-        self.model_dir = Path(model) if model else fetch_default_model()
+        core = core or os.environ.get(CORE_ENV_VAR) or "process"
+        if core not in CORE_MODES:
+            raise ValueError(f"core must be one of {CORE_MODES}, got {core!r}")
+        self.config = EngineConfig(**options)
+        self.model_dir = Path(model).resolve() if model else fetch_default_model()
         self.model_name = self.model_dir.name
         self.model_config = cfg = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        model = load_model(self.model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
-        num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
-        # A lone sequence of max_model_len tokens always fits in the cache, so preemption
-        # always makes progress.
-        self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings, num_blocks * ecfg.block_size)
-        # A cached block cannot restore a linear-attention state: no prefix caching there.
-        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
-                                          and cfg.linear_attention is None)
-        self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
-        self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
-                                   ecfg.max_num_batched_tokens, state_slots=self.state_slots)
-        self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
-        self.checkpoints = CheckpointStore(ecfg.checkpoint_root, self.model_name, cfg)
-        # Exact base copies live in host memory: the KV cache already took the GPU's spare.
-        self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
-        self.output_processor = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
-        # SimpleQueue: its put() may be called from a signal handler (see shutdown).
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
-        self._arrivals = 0
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        if start:
-            self._thread = threading.Thread(target=self.run, name="pokeserve-engine", daemon=True)
-            self._thread.start()
+        self.checkpoints = CheckpointStore(self.config.checkpoint_root, self.model_name, cfg)
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()      # guards _streams and _alive
+        self._alive = True
+        spec = CoreSpec(self.model_dir, self.config, progress)
+        if core == "process":
+            self._core = ProcessCore(spec, self._dispatch, self._core_exited)
+            self.core = None
+        else:
+            self._core = ThreadCore(spec, self._dispatch, self._core_exited, start=core == "thread")
+            self.core = self._core.core
+        self.max_model_len = self._core.ready.max_model_len
+        total = self._core.ready.num_kv_blocks
+        self._stats = EngineStats(0, 0, total, total, 0, 0, 0)
+        # The core goes when the engine does, even if nobody called shutdown().
+        self._finalizer = weakref.finalize(self, self._core.close)
 
-    # ---- caller side (any thread) -------------------------------------------------------
+    # ---- requests (any thread) ----------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    checkpoint: str | None = None, request_id: str | None = None,
-                    sample_index: int = 0) -> RequestStream:
-        """Queue a request; raises ValueError at once for a bad prompt or parameters."""
-        if not self.is_alive():
-            raise RuntimeError("the engine is not running")
-        self._validate(prompt_ids, params)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, *,
+                    num_samples: int = 1, request_id: str | None = None,
+                    checkpoint: CheckpointInfo | None = None,
+                    reasoning: ReasoningOptions | None = None) -> list[RequestStream]:
+        """Queue `num_samples` samples of one prompt, one stream each; sample i of request
+        R is `R-i`. `checkpoint` is resolved already (`self.checkpoints.resolve`); None
+        serves the base model. Raises ValueError at once for a bad prompt or parameters."""
+        self._validate(prompt_ids, params, num_samples)
         request_id = request_id or uuid.uuid4().hex
-        seed = (random.getrandbits(63) if params.seed is None else
-                xxhash.xxh64_intdigest(f"{params.seed}:{sample_index}".encode()) & (2**63 - 1))
-        info = None if checkpoint is None else self.checkpoints.resolve(checkpoint)
-        seq = Sequence(request_id, list(prompt_ids), params, seed,
-                       checkpoint=info.path if info else None,
-                       checkpoint_version=info.created if info else 0.0)
-        stream = RequestStream(request_id)
-        self._inbox.put(("add", seq, stream))
-        return stream
+        streams = [RequestStream(f"{request_id}-{i}") for i in range(num_samples)]
+        msg = AddRequest([s.request_id for s in streams], list(prompt_ids), params,
+                         [_sample_seed(params.seed, i) for i in range(num_samples)],
+                         checkpoint.path if checkpoint else None,
+                         checkpoint.created if checkpoint else 0.0, reasoning)
+        with self._lock:
+            if not self._alive:
+                raise RuntimeError("the engine is not running")
+            taken = [s for s in streams if s.request_id in self._streams]
+            if taken:
+                for stream in streams:
+                    stream.put(RequestOutput(stream.request_id, finished=True,
+                                             finish_reason="error", error=f"request id "
+                                             f"{taken[0].request_id!r} is already in use"))
+                return streams
+            self._streams.update((s.request_id, s) for s in streams)
+            self._core.send(msg)
+        return streams
 
-    def is_alive(self) -> bool:
-        """Whether the engine takes requests: False after shutdown or once its loop died."""
-        return not self._stopped.is_set()
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    def stats(self) -> EngineStats:
-        s, bm, slots = self.scheduler, self.block_manager, self.state_slots
-        return EngineStats(len(s.running), len(s.waiting), bm.num_free_blocks, bm.num_total_blocks,
-                           s.num_preemptions, s.num_prefix_cached_tokens,
-                           slots.num_free_slots, slots.num_total_slots)
+    def abort(self, sample_id: str) -> None:
+        with self._lock:
+            if self._alive and sample_id in self._streams:
+                self._core.send(AbortRequest(sample_id))
 
     def sampling_client(self, checkpoint: str | None = None) -> SamplingClient:
         """A native client for the base model or a checkpoint (checked now: CheckpointError)."""
@@ -134,16 +113,52 @@ class Engine:
             self.checkpoints.resolve(checkpoint)
         return SamplingClient(self, checkpoint)
 
-    def shutdown(self) -> None:
-        """Abort every open request and end the loop. Waits only for the engine's own
-        thread, so a signal handler on the thread that runs the loop may call it."""
-        self._stopped.set()
-        self._inbox.put(("stop",))
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+    def stats(self) -> EngineStats:
+        """The engine's state as the core last reported it (after its latest turn)."""
+        return self._stats
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def is_alive(self) -> bool:
+        """Whether the engine takes requests: False after shutdown or once its core died."""
+        return self._alive
+
+    def run(self) -> None:
+        """With `core="inline"`: run the core's loop on this thread until `shutdown()`."""
+        if not isinstance(self._core, ThreadCore) or self._core.started:
+            raise RuntimeError('run() is for an engine made with core="inline"')
+        self._core.run()
+
+    def shutdown(self) -> None:
+        """Abort every open request and stop the core. Waits for it, unless the core's loop
+        runs on the calling thread (a signal handler of an inline engine may call it)."""
+        self._alive = False    # no lock: a signal handler may have interrupted its holder
+        self._core.close()
+
+    # ---- core -> callers ----------------------------------------------------------------
+
+    def _dispatch(self, step: StepOutputs) -> None:
+        """Route a turn's outputs to their streams, the stats first, so that a caller who
+        got a final output reads stats that count its blocks as free."""
+        self._stats = step.stats or self._stats
+        for out in step.outputs:
+            with self._lock:
+                stream = (self._streams.pop(out.request_id, None) if out.finished
+                          else self._streams.get(out.request_id))
+            if stream is not None:
+                stream.put(out)
+
+    def _core_exited(self, reason: str | None) -> None:
+        """The core's loop ended: fail whatever is still open, accept nothing more."""
+        with self._lock:
+            self._alive = False
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.put(RequestOutput(stream.request_id, finished=True, finish_reason="error",
+                                     error=reason or "the engine has shut down"))
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, num_samples: int) -> None:
         params.validate()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -159,98 +174,9 @@ class Engine:
                 f"{params.max_tokens or 1} for the completion). Please reduce the prompt or "
                 f"max_tokens.")
 
-    # ---- engine loop ---------------------------------------------------------------------
 
-    def run(self) -> None:
-        """The engine loop, until `shutdown()`. The thread that calls it owns the model."""
-        try:
-            while self._drain_inbox(block=not self.scheduler.has_work()):
-                batch = self.scheduler.schedule()
-                if batch is not None:
-                    self._step(batch)
-        except BaseException as exc:  # a bug in the engine itself: no caller may hang on it
-            for seq, _ in list(self._requests.values()):
-                self._fail(seq, exc)
-            raise
-        finally:
-            self._stopped.set()
-            self._refuse_late_arrivals()
-
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False once asked to stop."""
-        for msg in self._queued(block):
-            if msg[0] == "stop":
-                self._abort_all()
-                return False
-            if msg[0] == "add":
-                self._add(*msg[1:])
-            elif msg[0] == "abort" and msg[1] in self._requests:
-                self._end(self._requests[msg[1]][0],
-                          RequestOutput(msg[1], finished=True, finish_reason="abort"))
-        return True
-
-    def _queued(self, block: bool) -> Iterator[tuple]:
-        """Queued messages, oldest first, until the inbox is empty; with `block`, waits
-        for the first."""
-        while True:
-            try:
-                yield self._inbox.get(block=block)
-            except queue.Empty:
-                return
-            block = False
-
-    def _add(self, seq: Sequence, stream: RequestStream) -> None:
-        if seq.request_id in self._requests:
-            stream.put(RequestOutput(seq.request_id, finished=True, finish_reason="error",
-                                     error=f"request id {seq.request_id!r} is already in use"))
-            return
-        self._arrivals += 1
-        seq.arrival = self._arrivals
-        self._requests[seq.request_id] = (seq, stream)
-        try:
-            self.output_processor.start(seq)
-        except Exception as exc:
-            self._fail(seq, exc)
-            return
-        self.scheduler.add(seq)
-
-    def _step(self, batch: ScheduledBatch) -> None:
-        try:
-            self.lora.activate(batch.checkpoint)
-            results = self.runner.execute(batch)
-        except Exception as exc:  # a bad checkpoint, a bad request or a bug: fail them, keep serving
-            for seq in batch.seqs:
-                self._fail(seq, exc)
-            return
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            before = seq.num_computed_tokens
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq, before)
-            try:
-                out = self.output_processor.process(seq, results[seq])
-            except Exception as exc:
-                self._fail(seq, exc)
-                continue
-            if out is not None and out.finished:
-                self._end(seq, out)
-            elif out is not None:
-                self._requests[seq.request_id][1].put(out)
-
-    def _fail(self, seq: Sequence, exc: Exception) -> None:
-        self._end(seq, RequestOutput(seq.request_id, finished=True, finish_reason="error",
-                                     error=f"{type(exc).__name__}: {exc}"))
-
-    def _end(self, seq: Sequence, out: RequestOutput) -> None:
-        self.scheduler.finish(seq)
-        _, stream = self._requests.pop(seq.request_id)
-        stream.put(out)
-
-    def _refuse_late_arrivals(self) -> None:
-        """Answer requests that were queued while the loop was stopping."""
-        for msg in self._queued(block=False):
-            if msg[0] == "add":
-                msg[2].put(RequestOutput(msg[1].request_id, finished=True, finish_reason="abort"))
-
-    def _abort_all(self) -> None:
-        for request_id, (seq, _) in list(self._requests.items()):
-            self._end(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
+def _sample_seed(seed: int | None, sample_index: int) -> int:
+    """Sample i's own random stream: from the request's seed and i, else at random."""
+    if seed is None:
+        return random.getrandbits(63)
+    return xxhash.xxh64_intdigest(f"{seed}:{sample_index}".encode()) & (2**63 - 1)

@@ -8,27 +8,16 @@ were asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from engine.config import EngineConfig, ModelConfig
 from engine.layers.attention import AttentionMetadata
 from engine.layers.linear_attention import LinearAttentionState, StateSlotMetadata
-from engine.outputs import TopLogprobs
+from engine.outputs import SeqStepResult
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-
-
-@dataclass
-class SeqStepResult:
-    token_id: int | None = None                 # None: a prefill chunk that does not sample yet
-    logprob: float = 0.0
-    top_logprobs: TopLogprobs | None = None
-    prompt_logprobs: list[float] = field(default_factory=list)          # this chunk's positions
-    prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
 
 
 def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -84,6 +73,8 @@ class ModelRunner:
                                                               batch.seqs[i].num_tokens))
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
+        self._copy_blocks(batch.block_copies)
+        self._copy_states(batch.state_copies)
         input_ids, positions, meta = self._prepare(seqs, counts)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         results = {seq: SeqStepResult() for seq in seqs}
@@ -117,16 +108,41 @@ class ModelRunner:
         return as_tensor(input_ids), as_tensor(positions), meta
 
     def _sample(self, hidden, seqs, counts, starts, results) -> None:
+        """One token for each sequence whose step reaches its end, and one from the same
+        logits for each of its followers (the other samples of its prompt, about to fork)."""
         due = [i for i, (s, n) in enumerate(zip(seqs, counts))
                if s.num_computed_tokens + n == s.num_tokens]
         if not due:
             return
         rows = torch.tensor([starts[i + 1] - 1 for i in due], device=self.device)
         logits = self.model.compute_logits(hidden[rows])     # [num_due, vocab] float32
-        out = self.sampler(logits, [seqs[i] for i in due])
-        for j, i in enumerate(due):
-            r = results[seqs[i]]
-            r.token_id, r.logprob, r.top_logprobs = out.token_ids[j], out.logprobs[j], out.top_logprobs[j]
+        samplers = [(j, s) for j, i in enumerate(due) for s in (seqs[i], *seqs[i].followers)]
+        if len(samplers) > len(due):
+            logits = logits[torch.tensor([j for j, _ in samplers], device=self.device)]
+        out = self.sampler(logits, [s for _, s in samplers])
+        for k, (_, seq) in enumerate(samplers):
+            r = results.setdefault(seq, SeqStepResult())
+            r.token_id, r.logprob, r.top_logprobs = out.token_ids[k], out.logprobs[k], out.top_logprobs[k]
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (a fork's partial last block) in every layer's cache."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
+        for kv_cache in self.kv_caches:                # [2 * kv_heads, blocks, block_size, D]
+            if isinstance(kv_cache, torch.Tensor):
+                kv_cache[:, dst] = kv_cache[:, src]
+
+    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy state slots (a fork's: the state its leader's prefill left) in every
+        linear-attention layer."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
+        for cache in self.kv_caches:
+            if isinstance(cache, LinearAttentionState):
+                cache.conv[dst] = cache.conv[src]
+                cache.recurrent[dst] = cache.recurrent[src]
 
     def _prompt_logprobs(self, hidden, seqs, counts, starts, results) -> None:
         """Logprob of each prompt token given its prefix, for the prompt tokens that this

@@ -10,6 +10,30 @@ TopLogprobs = list[tuple[int, float]]
 
 
 @dataclass
+class SeqStepResult:
+    """What one step computed for one sequence (the model runner's answer)."""
+
+    token_id: int | None = None                 # None: a prefill chunk that does not sample yet
+    logprob: float = 0.0
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: list[float] = field(default_factory=list)          # this chunk's positions
+    prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int              # since start
+    num_prefix_cached_tokens: int     # since start
+    num_computed_prompt_tokens: int   # since start: prompt positions run through the model
+    num_free_state_slots: int = 0     # models with linear-attention layers
+    num_total_state_slots: int = 0
+
+
+@dataclass
 class RequestOutput:
     """The new part of one request's output since its previous RequestOutput.
 
@@ -22,10 +46,14 @@ class RequestOutput:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] | None = None     # per new token, when asked
     text: str = ""                                     # newly released text
+    reasoning: str = ""                                # of it, the reasoning trace (when split)
+    content: str = ""                                  # of it, the answer
+    reasoning_tokens: int = 0                          # so far: the trace's tokens
     finished: bool = False
     finish_reason: str | None = None                   # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None               # the stop string or token id that matched
     error: str | None = None
+    error_type: str | None = None                      # the exception's class name
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0                         # prompt tokens served by the prefix cache
     prompt_logprobs: list[float | None] | None = None  # first record only; entry 0 is None

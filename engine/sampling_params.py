@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.text.reasoning import ReasoningFormat
-
 
 @dataclass
 class SamplingParams:
@@ -32,12 +30,6 @@ class SamplingParams:
     prompt_logprobs: int | None = None      # None: none; k >= 0: chosen + top-k per prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Thinking budget: after `thinking_budget` tokens inside the reasoning trace, the
-    # engine forces `thinking_end_ids` (the format's forced end marker) into the sequence.
-    reasoning_format: ReasoningFormat | None = None
-    thinking_budget: int | None = None
-    thinking_end_ids: list[int] = field(default_factory=list)
-    thinking_open_at_start: bool = False    # the prompt ends inside an open trace
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,8 +97,3 @@ class SamplingParams:
             bad("stop", "must not be an empty string")
         if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
             bad("logit_bias", "values must be in [-100, 100]")
-        if self.thinking_budget is not None:
-            if self.thinking_budget < 0:
-                bad("thinking_budget", "must be >= 0")
-            if self.reasoning_format is None or not self.thinking_end_ids:
-                bad("thinking_budget", "needs a reasoning_format and thinking_end_ids")

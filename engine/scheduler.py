@@ -8,21 +8,30 @@ ones join while the sequence and token budgets and the free blocks allow (and, f
 model with linear-attention layers, a free state slot: engine.state_slots).
 
 When the cache is full, the youngest running sequence is preempted: its blocks (and
-state slot) are freed and it goes back to the front of the queue, to be recomputed later. Nothing is
-ever dropped.
+state slot) are freed and it goes back to the front of the queue, to be recomputed
+later. Nothing is ever dropped.
+
+A prompt is computed once: the samples of one prompt follow their first sample and
+fork from it when its prefill ends (its first token is sampled for each of them from
+the same logits, each with its own seed), and a waiting prompt whose next block
+another sequence is computing right now waits a step to take it from the prefix cache.
 
 All sequences of one step share one checkpoint (its LoRA is merged into the weights).
 The scheduler stays on a checkpoint while it has work, and moves to the oldest
 waiting work of another one after `max_steps_per_checkpoint` steps, so none starves.
+
+After each step, `update` advances the sequences: it is the only writer of their
+progress, and it ends those that a token ends (EOS, a stop token, the length limit).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.block_manager import BlockManager
+from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
 from engine.state_slots import StateSlotAllocator
 
@@ -32,17 +41,37 @@ class ScheduledBatch:
     checkpoint: Path | None
     seqs: list[Sequence]
     num_new_tokens: list[int]            # per sequence, same order
+    # KV blocks to copy (source, destination) before the step: forks' partial blocks.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # State slots to copy (source, destination) before the step: forks' states.
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class SequenceUpdate:
+    """A sequence that got a token in the last step, and whether that token ended it."""
+
+    seq: Sequence
+    result: SeqStepResult
+    finish_reason: str | None = None     # "stop" (EOS or a stop token) | "length" | None
+    stop_token: int | None = None        # the stop token that matched (not EOS)
+    # The prompt's logprobs, with the sequence's first token (when asked for).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
+                 eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
                  state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_steps_per_checkpoint = max_steps_per_checkpoint
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # oldest first
         self.checkpoint: Path | None = None
@@ -50,14 +79,36 @@ class Scheduler:
         self.step_count = 0
         self.last_served: dict[Path | None, int] = {}
         self.preempted_this_step = False
+        self._pending_copies: list[tuple[int, int]] = []
+        self._pending_state_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0                # since start, for stats and tests
         self.num_prefix_cached_tokens = 0       # since start: prompt tokens served from the cache
+        self.num_computed_prompt_tokens = 0     # since start: prompt positions run through the model
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, followers: list[Sequence] = ()) -> None:
+        """Queue `seq`; `followers` (other samples of the same prompt) fork from it."""
+        self._lead(seq, followers)
         self.waiting.append(seq)
+
+    @staticmethod
+    def _lead(leader: Sequence, followers: list[Sequence]) -> None:
+        leader.followers = list(followers)
+        for follower in followers:
+            follower.leader = leader
+
+    @staticmethod
+    def force(seq: Sequence, token_ids: list[int]) -> None:
+        """Make `token_ids` the next tokens of `seq`, chosen instead of sampled."""
+        seq.forced_ids.extend(token_ids)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences not yet in the cache, followers waiting for their leader included."""
+        return sum(1 + len(s.followers) for s in self.waiting) + sum(
+            len(s.followers) for s in self.running)
 
     def schedule(self) -> ScheduledBatch | None:
         if not self.has_work():
@@ -82,15 +133,89 @@ class Scheduler:
             return None
         self.steps_on_checkpoint += 1
         self.step_count += 1
-        return ScheduledBatch(self.checkpoint, seqs, counts)
+        copies, self._pending_copies = self._pending_copies, []
+        state_copies, self._pending_state_copies = self._pending_state_copies, []
+        return ScheduledBatch(self.checkpoint, seqs, counts, copies, state_copies)
+
+    def update(self, batch: ScheduledBatch,
+               results: dict[Sequence, SeqStepResult]) -> list[SequenceUpdate]:
+        """Advance the batch's sequences by what the step computed; fork the followers of
+        prefills that ended; finish the sequences that a token ends. One update per
+        sequence that got a token, leaders before their followers."""
+        updates = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.num_computed_prompt_tokens += max(0, min(seq.num_computed_tokens,
+                                                          seq.num_prompt_tokens) - before)
+            self.bm.cache_full_blocks(seq, before)
+            result = results[seq]
+            seq.prompt_logprobs += result.prompt_logprobs
+            seq.prompt_top_logprobs += result.prompt_top_logprobs
+            if result.token_id is None:
+                continue
+            forked = self._fork_followers(seq) if seq.followers else []
+            updates += [self._append(s, results[s]) for s in (seq, *forked)]
+        return updates
+
+    def _append(self, seq: Sequence, result: SeqStepResult) -> SequenceUpdate:
+        update = SequenceUpdate(seq, result)
+        if seq.wants_prompt_logprobs:
+            seq.prompt_logprobs_done = True
+            update.prompt_logprobs, update.prompt_top_logprobs = (seq.prompt_logprobs,
+                                                                  seq.prompt_top_logprobs)
+        seq.output_ids.append(result.token_id)
+        if seq.forced_ids:
+            seq.forced_ids.popleft()  # the sampler put it in this step
+        update.finish_reason, update.stop_token = self._token_ends(seq, result.token_id)
+        if update.finish_reason is not None:
+            self.finish(seq)
+        return update
+
+    def _token_ends(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        """Whether `token`, just appended, ends `seq`: (finish reason, stop token)."""
+        p = seq.params
+        if len(seq.output_ids) >= p.min_tokens:
+            if token in p.stop_token_set:
+                return "stop", token
+            if p.eos_stops and token in self.eos_token_ids:
+                return "stop", None
+        if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
+            return "length", None
+        return None, None
+
+    def _fork_followers(self, leader: Sequence) -> list[Sequence]:
+        """The leader's prefill ended and the step sampled a first token for each follower:
+        each takes the leader's cache (and a copy of its state) and joins the running batch
+        beside it. A follower that finds no free block for its copy (or no free state slot)
+        is prefilled on its own instead."""
+        forked = []
+        for follower in leader.followers:
+            follower.leader = None
+            copies = self.bm.fork(leader, follower) if self.state_slots.can_allocate() else None
+            if copies is None:
+                self.waiting.appendleft(follower)
+                continue
+            self._pending_copies += copies
+            self._pending_state_copies += self.state_slots.fork(leader, follower)
+            follower.status = SequenceStatus.RUNNING
+            follower.prompt_logprobs = list(leader.prompt_logprobs)
+            follower.prompt_top_logprobs = list(leader.prompt_top_logprobs)
+            forked.append(follower)
+        leader.followers = []
+        at = self.running.index(leader) + 1
+        self.running[at:at] = forked
+        return forked
 
     def _admit_waiting(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
         if self.preempted_this_step:
             return  # the cache is under pressure: let the running sequences drain first
         skipped: list[Sequence] = []
+        promised = self._promised_blocks()
         while self.waiting and budget > 0 and len(seqs) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if seq.checkpoint != self.checkpoint:
+            if seq.checkpoint != self.checkpoint or self._next_block_is_promised(seq, promised):
                 skipped.append(seq)
                 continue
             cached = self.bm.allocate_cached_prefix(seq)
@@ -109,7 +234,31 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+            promised |= self._uncomputed_prompt_blocks(seq)
         self.waiting.extendleft(reversed(skipped))
+
+    def _promised_blocks(self) -> set[int]:
+        """Hashes of prompt blocks that running prefills are computing and have not cached."""
+        promised: set[int] = set()
+        for seq in self.running:
+            promised |= self._uncomputed_prompt_blocks(seq)
+        return promised
+
+    def _uncomputed_prompt_blocks(self, seq: Sequence) -> set[int]:
+        if not self.bm.enable_prefix_caching or seq.num_computed_tokens >= seq.num_prompt_tokens:
+            return set()
+        hashes = self.bm.prompt_block_hashes(seq)
+        return set(hashes[seq.num_computed_tokens // self.bm.block_size:])
+
+    def _next_block_is_promised(self, seq: Sequence, promised: set[int]) -> bool:
+        """Whether the first block of `seq`'s prompt that the cache lacks is being computed
+        by another sequence: then waiting one step turns it into a cache hit."""
+        if not promised:
+            return False
+        for block_hash in self.bm.prompt_block_hashes(seq):
+            if not self.bm.is_cached(block_hash):
+                return block_hash in promised
+        return False
 
     def _make_room(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Preempt the youngest running sequences until `seq` fits; False if seq was the one."""
@@ -140,13 +289,25 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Finished or aborted: free its blocks and state slot at once."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.bm.free_blocks(seq)
-        self.state_slots.free(seq)
+        """Finished, aborted or failed: free its blocks and state slot at once. A leader
+        that ends before its prefill hands its followers to the next of them. Idempotent."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.leader is not None:          # a follower that never forked
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        else:
+            if seq in self.running:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            self.bm.free_blocks(seq)
+            self.state_slots.free(seq)
+            if seq.followers:               # the next sample takes its place, at the front
+                heir, *rest = seq.followers
+                heir.leader, seq.followers = None, []
+                self._lead(heir, rest)
+                self.waiting.appendleft(heir)
         seq.status = SequenceStatus.FINISHED
 
     def _pick_checkpoint(self) -> None:

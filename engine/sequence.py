@@ -1,4 +1,10 @@
-"""One sequence being generated: its tokens, its place in the KV cache, its sampling state."""
+"""One sequence being generated: its tokens, its place in the KV cache, its sampling state.
+
+The scheduler owns every sequence: it admits, advances (after each step), forks,
+preempts and finishes them; other modules only read them. Samples 1..n-1 of one prompt
+start as *followers* of sample 0, their leader: they wait for its prefill and then
+fork from it, so that the prompt is computed once.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from engine.outputs import TopLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -33,8 +39,12 @@ class Sequence:
     num_computed_tokens: int = 0         # tokens whose k/v are in the cache
     num_cached_tokens: int = 0           # prompt tokens the prefix cache served (first admission)
     prompt_logprobs_done: bool = False   # prompt logprobs are computed once, not on recompute
+    # Chunk by chunk, until they go out with the first token: entry 0 (no prefix) is None.
+    prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])
+    prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=lambda: [None])
     forced_ids: deque[int] = field(default_factory=deque)  # the next tokens, chosen, not sampled
-    text_state: Any = None               # detokenizer + stop checker, owned by the output processor
+    leader: Sequence | None = None       # a follower: the sample whose prefill it waits for
+    followers: list[Sequence] = field(default_factory=list)   # samples that wait for this one
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,7 +5,8 @@ state instead of a KV cache (engine.layers.linear_attention). The runner owns th
 tensors, one row per slot; this allocator only hands out row numbers. The scheduler
 takes a slot when it admits a sequence, next to its first KV blocks, and gives it back
 whenever it frees the blocks: at finish, abort, failure and preemption (a preempted
-sequence is recomputed from scratch, into whatever slot it gets next).
+sequence is recomputed from scratch, into whatever slot it gets next). A sample forking
+from its prompt's first sample gets a slot of its own and a copy of that sample's state.
 
 For a model without linear attention (`num_slots=None`) sequences take no slot and the
 allocator never stands in the way.
@@ -35,6 +36,13 @@ class StateSlotAllocator:
         if self.has_state:
             assert seq.state_slot is None, "the sequence already holds a state slot"
             seq.state_slot = self._free.pop()
+
+    def fork(self, leader: Sequence, follower: Sequence) -> list[tuple[int, int]]:
+        """Give a follower forking from `leader` a slot of its own (check can_allocate
+        first); returns the copy (leader's slot, follower's slot) to make before the next
+        step, or none for a model without state."""
+        self.allocate(follower)
+        return [] if follower.state_slot is None else [(leader.state_slot, follower.state_slot)]
 
     def free(self, seq: Sequence) -> None:
         """Take back the sequence's slot, if it holds one (safe to call twice)."""

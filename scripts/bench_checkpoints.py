@@ -57,8 +57,9 @@ def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[Pa
 
 def ttft(engine: Engine, prompt: list[int], checkpoint: str | None) -> float:
     start = time.perf_counter()
-    stream = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, stop=[]),
-                                checkpoint=checkpoint)
+    info = engine.checkpoints.resolve(checkpoint) if checkpoint else None
+    [stream] = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, stop=[]),
+                                  checkpoint=info)
     outputs = list(stream)
     assert outputs[-1].finish_reason == "length", outputs[-1].error
     return time.perf_counter() - start
@@ -87,8 +88,10 @@ class SwitchTimer:
 
 def bench(model_dir: Path, root: Path, names: list[str], prompt: list[int], repeats: int) -> dict:
     """label -> (TTFTs, switch times) in seconds."""
-    engine = Engine(model_dir, checkpoint_root=str(root), enable_prefix_caching=False, progress=False)
-    timer = SwitchTimer(engine.lora)
+    # In-process core: the timer wraps its LoRA manager.
+    engine = Engine(model_dir, core="thread", checkpoint_root=str(root),
+                    enable_prefix_caching=False, progress=False)
+    timer = SwitchTimer(engine.core.lora)
     results: dict[str, tuple[list[float], list[float]]] = {}
 
     def measure(label: str, checkpoint: str | None) -> None:

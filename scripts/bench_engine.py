@@ -5,11 +5,14 @@ submitted to the engine at once; the same requests through `generate` in padded 
 of 32 (each batch runs to its longest request, as a user batches with it). Also batch-1
 decode speed. Same command, same machine, for each dtype asked.
 
-The engine loop runs on the main thread and the clients on another, as in `pokeserve
-serve`; `--background-loop` measures the native client's default instead (the loop in a
-thread of its own, slower on the CPU: see engine/llm_engine.py).
+The engine runs in each mode of `--cores`: `process` (the default, its core in a
+process of its own), `inline` (its loop on this process's main thread, the clients on
+another: the fastest in-process mode, see engine/core_client.py) and `thread` (the loop in
+a background thread). Then `n` samples of one long prompt against one sample: the
+prompt's one prefill is shared (engine stats count the prompt tokens computed).
 
     .venv/bin/python scripts/bench_engine.py [--dtypes float32 bfloat16] [--num-prompts 64]
+        [--cores process inline] [--model DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from engine import Engine, ModelInput, SamplingParams
 from engine.models.default_model import fetch_default_model
+from engine.models.registry import load_model_config
 
 T = TypeVar("T")
 
@@ -69,8 +73,8 @@ def measure_engine(engine: Engine, requests) -> dict[str, float]:
 
 
 def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
-    """`clients()` on another thread while the engine loop runs on this one, as `pokeserve
-    serve` runs them; the engine is shut down after."""
+    """`clients()` on another thread while an inline engine's loop runs on this one; the
+    engine is shut down after."""
     results: list[T] = []
 
     def client_thread() -> None:
@@ -86,23 +90,54 @@ def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
     return results[0]
 
 
-def run(dtype_name: str, num_prompts: int, model_dir, background_loop: bool) -> None:
+def measure_mode(core: str, model_dir, dtype: torch.dtype, requests) -> dict[str, float]:
+    engine = Engine(model_dir, core=core, dtype=dtype, progress=False)
+    if core == "inline":
+        return with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests))
+    try:
+        return measure_engine(engine, requests)
+    finally:
+        engine.shutdown()
+
+
+def measure_samples(model_dir, dtype: torch.dtype, n: int, prompt_len: int) -> None:
+    """`n` samples of one prompt against one, max_tokens 1, with the default engine; no
+    prefix caching, so that nothing but the shared prefill can save the prompt's work."""
+    engine = Engine(model_dir, dtype=dtype, enable_prefix_caching=False, progress=False)
+    rng = random.Random(1)
+    prompt = ModelInput.from_ints([rng.randrange(100, engine.model_config.vocab_size)
+                                   for _ in range(prompt_len)])
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=0, stop=[])
+    client = engine.sampling_client()
+    seconds, computed = {}, {}
+    for count in (1, n, 1, n):                          # the first two warm up
+        before, start = engine.stats().num_computed_prompt_tokens, time.perf_counter()
+        client.sample(prompt, count, params).result()
+        seconds[count] = time.perf_counter() - start
+        computed[count] = engine.stats().num_computed_prompt_tokens - before
+    engine.shutdown()
+    print(f"  {n} samples of a {prompt_len}-token prompt: {seconds[n]:.3f} s vs 1 sample "
+          f"{seconds[1]:.3f} s, ratio {seconds[n] / seconds[1]:.2f}x; prompt tokens computed "
+          f"{computed[n]} vs {computed[1]}", flush=True)
+
+
+def run(dtype_name: str, num_prompts: int, model_dir, cores: list[str]) -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
-    engine = Engine(model_dir, dtype=dtype, progress=False, start=background_loop)
-    requests = make_requests(num_prompts, engine.model_config.vocab_size)
-    if background_loop:
-        ours = measure_engine(engine, requests)
-        engine.shutdown()
-    else:
-        ours = with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests))
+    requests = make_requests(num_prompts, load_model_config(model_dir).vocab_size)
+    ours = {core: measure_mode(core, model_dir, dtype, requests) for core in cores}
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
               "batch-1": bench_generate(hf, [(requests[0][0], 128)], 1, 2)}
-    for name in ours:
-        print(f"{dtype_name:9s} {name:8s} pokeserve {ours[name]:8.1f} tok/s   transformers "
-              f"{theirs[name]:8.1f} tok/s   ratio {ours[name] / theirs[name]:5.2f}x", flush=True)
+    del hf
+    for core, rates in ours.items():
+        for name, rate in rates.items():
+            print(f"{dtype_name:9s} {core:8s} {name:8s} pokeserve {rate:8.1f} tok/s   "
+                  f"transformers {theirs[name]:8.1f} tok/s   ratio {rate / theirs[name]:5.2f}x"
+                  + "".join(f"   {rate / ours[other][name]:5.2f}x of {other}"
+                            for other in ours if other != core), flush=True)
+    measure_samples(model_dir, dtype, 16, 1000)
 
 
 def main() -> None:
@@ -110,15 +145,15 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--model", default=None, help="model directory (default: embedded model)")
-    parser.add_argument("--background-loop", action="store_true",
-                        help="run the engine loop in its own thread (the native client's default)")
+    parser.add_argument("--cores", nargs="+", default=["process", "inline"],
+                        choices=["process", "inline", "thread"],
+                        help="where the engine core runs: each mode is measured")
     args = parser.parse_args()
     model_dir = args.model or fetch_default_model()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; model {model_dir}; engine loop "
-          f"{'in a background thread' if args.background_loop else 'on the main thread'}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; model {model_dir}")
     for dtype_name in args.dtypes:
-        run(dtype_name, args.num_prompts, model_dir, args.background_loop)
+        run(dtype_name, args.num_prompts, model_dir, args.cores)
 
 
 if __name__ == "__main__":

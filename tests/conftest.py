@@ -16,6 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Engines whose test does not choose run their core in a thread: a core process costs
+# seconds to start. tests/engine/test_engine.py pins the native client in both modes, and
+# the API tests' `pokeserve serve` always runs its core in a process.
+os.environ.setdefault("POKESERVE_ENGINE_CORE", "thread")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

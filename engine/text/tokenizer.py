@@ -8,6 +8,15 @@ filesystem), the same globals and filters, the same handling of reasoning fields
 `continue_final_message`. A rendered prompt already carries the template's special
 tokens, so it is encoded with `add_special_tokens=False`, which is what
 `apply_chat_template(tokenize=True)` does too (no second BOS).
+
+Why not call `apply_chat_template` itself: a served checkpoint ships its own template,
+which is untrusted input that must fail as a clear ValueError (a 400), not as whatever
+transformers raises; the messages arrive as OpenAI JSON, whose reasoning fields
+(`reasoning_content`, `reasoning`, `thinking`) different templates read under different
+names; and the renderer is the one piece of transformers whose signature and return
+type changed across major versions (4 -> 5). The environment is small and mirrors
+transformers' own, and the tests keep `apply_chat_template` as the oracle, so a
+divergence shows at once.
 """
 
 from __future__ import annotations

@@ -22,10 +22,11 @@ from transformers import AutoTokenizer
 
 from api.chat import _Chat
 from api.cli import build_parser
+from api.generation import Generation
+from api.metrics import Metrics
 from api.protocol import ChatCompletionRequest
 from api.state import ServerConfig
-from engine import RequestOutput
-from engine.text.reasoning import THINK_TAGS, ReasoningSplitter
+from engine import RequestOutput, RequestStream, SamplingParams
 from scripts.make_demo_checkpoints import parse_args as demo_args
 from tests.api.conftest import API_KEY, MODEL, running_server
 from tests.engine.checkpoints.helpers import save_peft_adapter
@@ -247,21 +248,17 @@ def test_server_and_demo_script_share_the_default_checkpoint_root(monkeypatch, t
 
 
 class _OneOutput:
-    """A Generation stand-in that yields one finished output for one choice."""
-
-    id, created = "x", 0
+    """An engine stand-in whose one request has already produced its one output."""
 
     def __init__(self, out: RequestOutput) -> None:
-        self.choices = [type("Choice", (), {"index": 0})()]
         self.out = out
 
-    def outputs(self):
-        yield self.choices[0], self.out
+    def add_request(self, prompt_ids, params, *, num_samples, request_id, **_) -> list:
+        stream = RequestStream(self.out.request_id)
+        stream.put(self.out)
+        return [stream]
 
-    def usage(self, reasoning_tokens: int = 0) -> dict:
-        return {"completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
-
-    def abort(self) -> None:
+    def abort(self, sample_id: str) -> None:
         pass
 
 
@@ -269,10 +266,12 @@ def test_reasoning_and_content_released_together_go_out_as_two_chunks() -> None:
     req = ChatCompletionRequest.model_validate({
         "model": "m", "messages": QUESTION, "stream": True,
         "stream_options": {"include_usage": True}})
-    out = RequestOutput("r", token_ids=[1, 2, 3], text="So 12.</think>\n\n12.",
+    out = RequestOutput("r-0", token_ids=[1, 2, 3], text="So 12.</think>\n\n12.",
+                        reasoning="So 12.", content="12.", reasoning_tokens=3,
                         finished=True, finish_reason="stop")
-    chunks = list(_Chat(req, [ReasoningSplitter(THINK_TAGS, "<think>\n")], _OneOutput(out),
-                        None).chunks())
+    gen = Generation(_OneOutput(out), Metrics(), lambda: False)
+    gen.submit([[1]], SamplingParams(), 1, None)
+    chunks = list(_Chat(req, gen, None).chunks())
     body = [c["choices"][0] for c in chunks[1:-1]]   # after the role chunk, before usage
     assert [c["delta"] for c in body] == [{"reasoning_content": "So 12.", "reasoning": "So 12."},
                                           {"content": "12."}]

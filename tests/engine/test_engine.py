@@ -8,15 +8,18 @@ import pytest
 import torch
 
 from engine import Engine, ModelInput, SamplingParams
+from engine.messages import Shutdown
 from tests.tiny_models import EOS_ID
 
 PROMPT = ModelInput.from_ints([5, 6, 7, 8, 9, 10])
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dirs):
-    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=128,
-                 progress=False)
+@pytest.fixture(scope="module", params=["process", "thread"])
+def engine(tiny_model_dirs, request):
+    """The engine as users start it (its core in a process of its own), and with its core
+    in a thread of this process: the native client behaves the same in both."""
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], core=request.param, block_size=4,
+                 num_kv_blocks=128, progress=False)
     yield eng
     eng.shutdown()
 
@@ -76,7 +79,7 @@ def test_prompt_logprobs_survive_chunked_prefill(tiny_model_dirs):
 
 def test_top_logprobs_are_sorted_and_include_the_greedy_choice(engine):
     stream = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3, temperature=0.0,
-                                                                 logprobs=5, stop=[]))
+                                                                 logprobs=5, stop=[]))[0]
     outs = list(stream)
     for out in outs:
         (top,) = out.top_logprobs
@@ -115,11 +118,11 @@ def test_min_tokens_holds_off_eos(client):
 
 def test_stop_string_truncates_text_and_finishes(engine):
     greedy = list(engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=10, temperature=0.0,
-                                                                      stop=[])))
+                                                                      stop=[]))[0])
     text = "".join(o.text for o in greedy)
     stop = text[len(text) // 2:len(text) // 2 + 2]
     outs = list(engine.add_request(PROMPT.to_ints(), SamplingParams(
-        max_tokens=10, temperature=0.0, stop=stop)))
+        max_tokens=10, temperature=0.0, stop=stop))[0])
     assert "".join(o.text for o in outs) == text[:text.index(stop)]
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
 
@@ -127,7 +130,7 @@ def test_stop_string_truncates_text_and_finishes(engine):
 def test_prompt_too_long_names_both_numbers_and_the_engine_keeps_serving(engine, client):
     too_long = [5] * (engine.max_model_len - 3)
     with pytest.raises(ValueError, match=rf"{engine.max_model_len}.*{engine.max_model_len + 7}"):
-        engine.add_request(too_long, SamplingParams(max_tokens=10))
+        engine.add_request(too_long, SamplingParams(max_tokens=10))[0]
     assert sample(client, max_tokens=2, temperature=0.0).sequences
 
 
@@ -143,11 +146,11 @@ def test_bad_sampling_params_are_refused_with_the_field_named(bad):
 @pytest.mark.parametrize("prompt", [[], [10**6], [-1]])
 def test_bad_prompts_are_refused(engine, prompt):
     with pytest.raises(ValueError, match="prompt"):
-        engine.add_request(prompt, SamplingParams(max_tokens=2))
+        engine.add_request(prompt, SamplingParams(max_tokens=2))[0]
 
 
 def test_abort_frees_the_sequence_at_once(engine):
-    stream = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=200, stop=[]))
+    stream = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=200, stop=[]))[0]
     stream.get(timeout=60)
     engine.abort(stream.request_id)
     outs = list(stream)
@@ -202,39 +205,39 @@ def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_model_dirs):
 
 def test_a_request_id_already_in_use_fails_only_the_newcomer(engine):
     first = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=30, stop=[]),
-                               request_id="dup")
-    second = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3), request_id="dup")
+                               request_id="dup")[0]
+    second = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3), request_id="dup")[0]
     assert [o.finish_reason for o in second][-1] == "error"
     outs = list(first)
     assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 30
 
 
 def test_an_engine_bug_fails_every_request_instead_of_hanging(tiny_model_dirs, monkeypatch):
-    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
-                 progress=False)
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], core="thread", block_size=4,
+                 num_kv_blocks=32, progress=False)
     try:
         def broken_schedule():
             raise RuntimeError("scheduler bug")
 
-        monkeypatch.setattr(eng.scheduler, "schedule", broken_schedule)
-        stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+        monkeypatch.setattr(eng.core.scheduler, "schedule", broken_schedule)
+        stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))[0]
         out = stream.get(timeout=30)
         assert out.finish_reason == "error" and "scheduler bug" in out.error
-        eng._thread.join(timeout=30)
+        eng._core._thread.join(timeout=30)
         assert not eng.is_alive()
         with pytest.raises(RuntimeError, match="not running"):
-            eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+            eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))[0]
     finally:
         eng.shutdown()
 
 
 def test_stop_strings_only_count_from_min_tokens_on(engine):
     greedy = list(engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=12, temperature=0.0,
-                                                                      stop=[])))
+                                                                      stop=[]))[0])
     pieces = [o.text for o in greedy]
     stop = next(p for p in pieces[:4] if p.strip())       # text from the first few tokens
     outs = list(engine.add_request(PROMPT.to_ints(), SamplingParams(
-        max_tokens=12, temperature=0.0, stop=stop, min_tokens=6)))
+        max_tokens=12, temperature=0.0, stop=stop, min_tokens=6))[0])
     text = "".join(o.text for o in outs)
     assert sum(len(o.token_ids) for o in outs) >= 6
     assert text.startswith("".join(pieces[:4]))           # the early stop string was kept
@@ -254,8 +257,8 @@ def test_kv_cache_budget_on_cuda_is_what_the_model_leaves_of_the_utilization(mon
 
 
 def test_the_caller_may_run_the_loop_on_its_own_thread(tiny_model_dirs):
-    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
-                 progress=False, start=False)
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], core="inline", block_size=4,
+                 num_kv_blocks=32, progress=False)
     results = {}
 
     def client_thread():
@@ -263,7 +266,7 @@ def test_the_caller_may_run_the_loop_on_its_own_thread(tiny_model_dirs):
             client = eng.sampling_client()
             results["greedy"] = sample(client, max_tokens=5, temperature=0.0, stop=[])
             results["open"] = eng.add_request(PROMPT.to_ints(),
-                                              SamplingParams(max_tokens=100, stop=[]))
+                                              SamplingParams(max_tokens=100, stop=[]))[0]
         finally:
             eng.shutdown()
 
@@ -272,16 +275,17 @@ def test_the_caller_may_run_the_loop_on_its_own_thread(tiny_model_dirs):
     assert len(results["greedy"].sequences[0].tokens) == 5
     assert [o.finish_reason for o in results["open"]][-1] == "abort"
     assert not eng.is_alive()
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_total_blocks
+    assert eng.core.block_manager.num_free_blocks == eng.core.block_manager.num_total_blocks
     with pytest.raises(RuntimeError, match="not running"):
-        eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
+        eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))[0]
 
 
 def test_a_request_queued_as_the_loop_stops_is_answered(tiny_model_dirs):
-    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], block_size=4, num_kv_blocks=32,
-                 progress=False, start=False)
-    stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))
-    eng._inbox.put(("stop",))     # the stop overtakes the add, as a racing shutdown may
-    eng._inbox.put(eng._inbox.get())
+    eng = Engine(tiny_model_dirs["qwen3-qk-norm-tied"], core="inline", block_size=4,
+                 num_kv_blocks=32, progress=False)
+    stream = eng.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=3))[0]
+    inbox = eng._core.inbox
+    inbox.put(Shutdown())         # the stop overtakes the add, as a racing shutdown may
+    inbox.put(inbox.get())
     eng.run()
     assert stream.get(timeout=5).finish_reason == "abort"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.block_manager import BlockManager
+from engine.outputs import SeqStepResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -18,14 +19,15 @@ def make_seq(n_prompt: int, checkpoint=None, name="s") -> Sequence:
     return Sequence(name, prompt, SamplingParams(), seed=0, checkpoint=checkpoint, arrival=arrival)
 
 
-def complete_step(sched: Scheduler, batch, sample: bool = True) -> None:
-    """What the engine does after running a batch: mark tokens computed, append samples."""
+def complete_step(sched: Scheduler, batch, sample: bool = True, token: int = 7) -> list:
+    """What the engine does after running a batch: the scheduler advances it by the step's
+    results (a token for each sequence whose step reached its end, and for its followers)."""
+    results = {}
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        before = seq.num_computed_tokens
-        seq.num_computed_tokens += n
-        sched.bm.cache_full_blocks(seq, before)
-        if sample and seq.num_computed_tokens == seq.num_tokens:
-            seq.output_ids.append(7)
+        due = sample and seq.num_computed_tokens + n == seq.num_tokens
+        for s in (seq, *seq.followers) if due else (seq,):
+            results[s] = SeqStepResult(token_id=token if due else None)
+    return sched.update(batch, results)
 
 
 def test_long_prompt_is_prefilled_in_chunks_next_to_decodes():
@@ -111,3 +113,101 @@ def test_finish_frees_blocks_at_once():
     sched.schedule()
     sched.finish(seq)
     assert bm.num_free_blocks == 8 and not sched.has_work()
+
+
+def test_update_ends_sequences_on_eos_a_stop_token_or_the_length_limit():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      eos_token_ids=(0,), max_model_len=6)
+    by_eos = Sequence("eos", [1, 2], SamplingParams(), seed=0)
+    by_token = Sequence("tok", [1, 3], SamplingParams(stop=[7]), seed=0)
+    by_eos_too_early = Sequence("min", [1, 4], SamplingParams(min_tokens=2), seed=0)
+    by_max_tokens = Sequence("max", [1, 5], SamplingParams(max_tokens=1, ignore_eos=True), seed=0)
+    by_context = Sequence("ctx", [1, 2, 3, 4, 5], SamplingParams(ignore_eos=True), seed=0)
+    for seq in (by_eos, by_token, by_eos_too_early, by_max_tokens, by_context):
+        sched.add(seq)
+    batch = sched.schedule()
+    rest = [s for s in batch.seqs if s is not by_token]
+    updates = complete_step(sched, _batch_of(batch, rest), token=0)        # EOS for them
+    updates += complete_step(sched, _batch_of(batch, [by_token]), token=7)
+    ends = {u.seq.request_id: (u.finish_reason, u.stop_token) for u in updates}
+    assert ends == {"eos": ("stop", None), "tok": ("stop", 7), "min": (None, None),
+                    "max": ("length", None), "ctx": ("length", None)}
+    assert by_eos.status is SequenceStatus.FINISHED and not by_eos.block_table
+    assert by_eos_too_early.status is SequenceStatus.RUNNING
+
+
+def _batch_of(batch, seqs):
+    """The part of `batch` that is `seqs` (to give them other tokens than the rest)."""
+    counts = [batch.num_new_tokens[batch.seqs.index(s)] for s in seqs]
+    return type(batch)(batch.checkpoint, seqs, counts)
+
+
+def make_samples(n: int, n_prompt: int) -> list[Sequence]:
+    prompt = list(range(100, 100 + n_prompt))
+    return [Sequence(f"s-{i}", prompt, SamplingParams(), seed=i, arrival=next(_arrivals))
+            for i in range(n)]
+
+
+def test_followers_fork_from_their_leaders_prefill_sharing_its_full_blocks():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    leader, *followers = make_samples(3, 10)       # 2 full blocks and a partial one
+    sched.add(leader, followers)
+    batch = sched.schedule()
+    assert batch.seqs == [leader] and sched.num_waiting == 2
+    updates = complete_step(sched, batch)
+    assert [u.seq for u in updates] == [leader, *followers]     # one first token each
+    assert sched.running == [leader, *followers] and sched.num_waiting == 0
+    for f in followers:
+        assert f.block_table[:2] == leader.block_table[:2]      # shared
+        assert f.block_table[2] != leader.block_table[2]        # its own copy of the partial
+        assert f.num_computed_tokens == 10 and f.output_ids == [7]
+    assert bm.blocks[leader.block_table[0]].ref_count == 3
+    nxt = sched.schedule()
+    assert sorted(nxt.block_copies) == sorted((leader.block_table[2], f.block_table[2])
+                                              for f in followers)
+    assert nxt.num_new_tokens == [1, 1, 1]                      # all decode now
+    assert sched.num_computed_prompt_tokens == 10
+
+
+def test_a_follower_that_finds_no_free_block_is_prefilled_on_its_own():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    leader, follower = make_samples(2, 10)          # the leader takes all 3 blocks
+    sched.add(leader, [follower])
+    updates = complete_step(sched, sched.schedule())
+    assert [u.seq for u in updates] == [leader]
+    assert sched.waiting[0] is follower and follower.leader is None
+    assert follower.output_ids == [] and follower.num_computed_tokens == 0
+
+
+def test_a_leader_ended_before_its_prefill_hands_its_followers_to_the_next_sample():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4)
+    leader, second, third = make_samples(3, 10)
+    sched.add(leader, [second, third])
+    complete_step(sched, sched.schedule())          # a first chunk of the prompt
+    sched.finish(leader)                            # aborted
+    assert sched.waiting[0] is second and second.followers == [third]
+    assert third.leader is second and bm.num_free_blocks == 16
+    sched.finish(third)                             # a follower that never forked
+    assert second.followers == [] and third.leader is None
+
+
+def test_a_prompt_waits_for_the_blocks_another_prefill_is_computing_then_hits_the_cache():
+    bm = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    shared = list(range(200, 212))                  # 3 full blocks in common
+    first = Sequence("a", shared + [1, 2], SamplingParams(), seed=0, arrival=next(_arrivals))
+    second = Sequence("b", shared + [3, 4], SamplingParams(), seed=0, arrival=next(_arrivals))
+    unrelated = make_seq(6)
+    for seq in (first, second, unrelated):
+        sched.add(seq)
+    batch = sched.schedule()
+    assert batch.seqs == [first, unrelated]         # b waits: a is computing its blocks
+    complete_step(sched, batch)
+    batch = sched.schedule()
+    assert second in batch.seqs and second.num_cached_tokens == 12
+    assert sched.num_computed_prompt_tokens == 14 + 6
+    complete_step(sched, batch)
+    assert sched.num_computed_prompt_tokens == 14 + 6 + 2

@@ -166,7 +166,8 @@ def test_bad_checkpoints_get_clear_errors_and_others_keep_being_served(engine, m
               "adapter_model.safetensors is corrupt")]
     for name, error, message in cases:
         with pytest.raises(error, match=message):
-            engine.add_request(PROMPTS[0], greedy_params(4), checkpoint=name)
+            engine.add_request(PROMPTS[0], greedy_params(4),
+                               checkpoint=engine.checkpoints.resolve(name))
     assert_matches(running.result(timeout=60).sequences[0],
                    reference(model_dir, root / RUN / "sampler_weights/a", PROMPTS[1], 24))
     after = engine.sampling_client(engine.model_name).sample(ModelInput.from_ints(PROMPTS[0]), 1,

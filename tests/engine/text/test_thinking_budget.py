@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine, ModelInput, SamplingParams
+from engine import Engine, ModelInput, ReasoningOptions, SamplingParams
+from engine.client import SampledSequence
 from engine.text.reasoning import THINK_TAGS
 
-PROMPT = [5, 6, 7, 8]
+# The prompt ends inside an open trace (as Qwen3's template leaves it), or it does not.
+OPEN, CLOSED = "the fox <think>", "the fox"
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +26,23 @@ def end_ids(engine) -> list[int]:
     return engine.tokenizer.encode(THINK_TAGS.forced_end, add_special_tokens=False)
 
 
-def generate(engine, budget: int | None, open_at_start: bool = True, max_tokens: int = 24):
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[],
-                            reasoning_format=THINK_TAGS if budget is not None else None,
-                            thinking_budget=budget, thinking_end_ids=end_ids(engine)
-                            if budget is not None else [], thinking_open_at_start=open_at_start)
-    return engine.sampling_client().sample(ModelInput.from_ints(PROMPT), 1, params).result(60)
+def prompt_ids(engine, text: str = OPEN) -> list[int]:
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def generate(engine, budget: int | None, prompt: str = OPEN, max_tokens: int = 24) -> SampledSequence:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[])
+    reasoning = ReasoningOptions(THINK_TAGS, budget=budget) if budget is not None else None
+    [stream] = engine.add_request(prompt_ids(engine, prompt), params, reasoning=reasoning)
+    outs = list(stream)
+    return SampledSequence([t for o in outs for t in o.token_ids],
+                           [lp for o in outs for lp in o.logprobs])
 
 
 @pytest.mark.parametrize("budget", [0, 3, 10])
 def test_end_marker_is_forced_after_exactly_the_budget(engine, budget):
-    free = generate(engine, None).sequences[0].tokens
-    forced = generate(engine, budget).sequences[0].tokens
+    free = generate(engine, None).tokens
+    forced = generate(engine, budget).tokens
     marker = end_ids(engine)
     assert "</think>" not in engine.tokenizer.decode(free)      # the model never closes it itself
     assert forced[:budget] == free[:budget]
@@ -44,20 +51,19 @@ def test_end_marker_is_forced_after_exactly_the_budget(engine, budget):
 
 
 def test_forced_tokens_carry_the_models_own_logprobs(engine):
-    seq = generate(engine, 2).sequences[0]
+    seq = generate(engine, 2)
+    prompt = prompt_ids(engine)
     recomputed = engine.sampling_client().compute_logprobs(
-        ModelInput.from_ints(PROMPT + seq.tokens)).result(60)[len(PROMPT):]
+        ModelInput.from_ints(prompt + seq.tokens)).result(60)[len(prompt):]
     torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(recomputed),
                                atol=1e-5, rtol=0)
 
 
 def test_no_budget_applies_when_the_output_never_opens_a_trace(engine):
-    free = generate(engine, None).sequences[0].tokens
-    assert generate(engine, 0, open_at_start=False).sequences[0].tokens == free
+    free = generate(engine, None, prompt=CLOSED).tokens
+    assert generate(engine, 0, prompt=CLOSED).tokens == free
 
 
-def test_a_budget_needs_the_format_and_the_end_marker():
-    with pytest.raises(ValueError, match="thinking_budget"):
-        SamplingParams(thinking_budget=4)
-    with pytest.raises(ValueError, match="thinking_budget"):
-        SamplingParams(thinking_budget=-1, reasoning_format=THINK_TAGS, thinking_end_ids=[1])
+def test_a_negative_budget_is_refused():
+    with pytest.raises(ValueError, match="budget"):
+        ReasoningOptions(THINK_TAGS, budget=-1)

@@ -1,0 +1,128 @@
+"""One request's text pipeline: its sampled tokens in, released text out, split into
+reasoning and answer.
+
+Per token, in order:
+1. the incremental detokenizer turns it into new text (none while a character is
+   still incomplete);
+2. the stop checker releases what can no longer be part of a stop string, and says
+   when one completes (stop strings count only from `min_tokens` on, as in vLLM);
+3. the reasoning splitter sorts the released text into reasoning and content, holding
+   back what may still be a marker, and counts the trace's tokens;
+4. once the trace has used its thinking budget, the pipeline asks for the format's
+   forced end marker as the next tokens (`take_forced_ids`).
+
+Token-level ends (EOS, stop token ids, length) are the scheduler's to decide; it tells
+`feed` about them, and the pipeline releases what it still holds. The pipeline runs in
+the engine loop, so the reasoning trace is split once, where the budget is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+from engine.text.detokenizer import IncrementalDetokenizer
+from engine.text.reasoning import ReasoningFormat, ReasoningSplitter, prompt_opens_trace
+from engine.text.stop_checker import StopChecker
+from engine.text.tokenizer import Tokenizer
+
+# Prompt tokens decoded to see how the prompt ends (inside an open trace, after a closed one).
+_PROMPT_TAIL_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ReasoningOptions:
+    """How one request's reasoning trace is handled."""
+
+    format: ReasoningFormat
+    separate: bool = True        # False: the trace stays inline in `content` (still counted)
+    budget: int | None = None    # trace tokens allowed before the end marker is forced;
+                                 # applies only when the prompt opens the trace
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"the thinking budget must be >= 0, got {self.budget}")
+
+
+@dataclass
+class TextDelta:
+    """What one token releases."""
+
+    text: str = ""                  # output text, stop strings applied
+    reasoning: str = ""             # the part of it that is reasoning (when separated)
+    content: str = ""               # the part that is the answer
+    stop_string: str | None = None  # a stop string completed: the sequence ends here
+
+
+class TextPipeline:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                 reasoning: ReasoningOptions | None = None) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.stops = StopChecker(params.stop_strings, params.include_stop_str_in_output)
+        self.params = params
+        self.num_tokens = 0
+        self.separate = reasoning is not None and reasoning.separate
+        self.splitter: ReasoningSplitter | None = None
+        self._budget: int | None = None
+        self._end_ids: list[int] = []
+        if reasoning is not None:
+            prompt_end = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+            self.splitter = ReasoningSplitter(reasoning.format, prompt_end)
+            if reasoning.budget is not None and prompt_opens_trace(reasoning.format, prompt_end):
+                self._budget = reasoning.budget
+                self._end_ids = tokenizer.encode(reasoning.format.forced_end,
+                                                 add_special_tokens=False)
+        self._forced: list[int] = []
+        self._check_budget()
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.splitter.reasoning_tokens if self.splitter else 0
+
+    def feed(self, token_id: int, ended_by: str | None = None) -> TextDelta:
+        """Take the next output token. `ended_by` is the scheduler's verdict on it:
+        None (the sequence goes on), "stop" (a stop token or EOS: its own text is not
+        output unless it is a requested stop token and include_stop_str_in_output),
+        or "length" (its last token)."""
+        self.num_tokens += 1
+        new_text = self.detokenizer.add(token_id)
+        delta = TextDelta()
+        if ended_by == "stop":
+            shown = (self.params.include_stop_str_in_output
+                     and token_id in self.params.stop_token_set)
+            delta.text = (self.stops.feed(new_text)[0] if shown else "") + self.stops.flush()
+        elif self.num_tokens < self.params.min_tokens:
+            delta.text = self.stops.flush() + new_text
+        else:
+            if ended_by == "length":   # a character cut off by the limit is released as is
+                new_text += self.detokenizer.flush()
+            delta.text, delta.stop_string = self.stops.feed(new_text)
+            if ended_by == "length" and delta.stop_string is None:
+                delta.text += self.stops.flush()
+        final = ended_by is not None or delta.stop_string is not None
+        delta.reasoning, delta.content = self._split(delta.text, final)
+        self._check_budget()
+        return delta
+
+    def take_forced_ids(self) -> list[int]:
+        """Tokens the engine must put into the sequence next, once (the end of a trace
+        whose budget is spent); empty otherwise."""
+        forced, self._forced = self._forced, []
+        return forced
+
+    def _split(self, text: str, final: bool) -> tuple[str, str]:
+        if self.splitter is None:
+            return "", text
+        reasoning, content = self.splitter.feed(text, num_tokens=1)
+        if final:
+            last_reasoning, last_content = self.splitter.finish()
+            reasoning, content = reasoning + last_reasoning, content + last_content
+        return (reasoning, content) if self.separate else ("", text)
+
+    def _check_budget(self) -> None:
+        if self._budget is None:
+            return
+        if not self.splitter.in_reasoning:
+            self._budget = None        # the model closed the trace itself
+        elif self.splitter.trace_open and self.splitter.reasoning_tokens >= self._budget:
+            self._forced, self._budget = list(self._end_ids), None
