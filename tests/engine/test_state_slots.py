@@ -8,7 +8,7 @@ from engine.block_manager import BlockManager
 from engine.scheduler import Scheduler
 from engine.sequence import SequenceStatus
 from engine.state_slots import StateSlotAllocator
-from tests.engine.test_scheduler import complete_step, make_seq
+from tests.engine.test_scheduler import complete_step, make_samples, make_seq
 
 
 def test_slots_are_distinct_until_exhausted_and_reused_once_freed():
@@ -92,3 +92,30 @@ def test_paused_sequences_of_another_checkpoint_give_up_their_slots_when_nothing
     batch = sched.schedule()                             # switches to b: a must give way
     assert batch.seqs == [newcomer] and newcomer.state_slot == 0
     assert paused.status is SequenceStatus.WAITING and paused.state_slot is None
+
+
+def test_forked_samples_get_slots_of_their_own_and_a_copy_of_the_leaders_state():
+    slots = StateSlotAllocator(4)
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      state_slots=slots)
+    leader, *followers = make_samples(3, 10)
+    sched.add(leader, followers)
+    complete_step(sched, sched.schedule())          # the prefill ends: the followers fork
+    assert len({leader.state_slot, *(f.state_slot for f in followers)}) == 3
+    nxt = sched.schedule()
+    assert sorted(nxt.state_copies) == sorted((leader.state_slot, f.state_slot)
+                                              for f in followers)
+    complete_step(sched, nxt)
+    assert sched.schedule().state_copies == []                # copied once
+
+
+def test_a_follower_that_finds_no_free_slot_is_prefilled_on_its_own():
+    slots = StateSlotAllocator(1)
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      state_slots=slots)
+    leader, follower = make_samples(2, 10)
+    sched.add(leader, [follower])
+    updates = complete_step(sched, sched.schedule())
+    assert [u.seq for u in updates] == [leader]
+    assert sched.waiting[0] is follower and follower.state_slot is None
+    assert follower.num_computed_tokens == 0 and not follower.block_table

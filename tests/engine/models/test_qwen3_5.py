@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import Engine
+from engine import Engine, ModelInput, SamplingParams, llm_engine
 from tests.engine.models.oracle import assert_engine_decodes_like_transformers, transformers_greedy
 
 NEW_TOKENS = 24
@@ -60,5 +60,31 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, layout, model_dir
         assert stats.num_prefix_cached_tokens == 0
         if layout == "preemption":
             assert stats.num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(model_dirs,
+                                                                             monkeypatch):
+    """n samples of one prompt: the prompt is computed once, each forked sample continues
+    from a copy of the state its prefill left and gives what it gives alone."""
+    engine = Engine(model_dirs["qwen3_5-text"], progress=False, block_size=4, num_kv_blocks=256)
+    try:
+        client, prompt = engine.sampling_client(), PROMPTS[4]
+        params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, stop=[])
+        before = engine.stats().num_computed_prompt_tokens
+        together = client.sample(ModelInput.from_ints(prompt), 3, params).result(60).sequences
+        assert engine.stats().num_computed_prompt_tokens - before == len(prompt)
+        assert len({tuple(s.tokens) for s in together}) > 1
+        seed_of = llm_engine._sample_seed
+        for i, sample in enumerate(together):
+            monkeypatch.setattr(llm_engine, "_sample_seed", lambda seed, _, i=i: seed_of(seed, i))
+            alone = client.sample(ModelInput.from_ints(prompt), 1, params).result(60).sequences[0]
+            assert alone.tokens == sample.tokens
+            torch.testing.assert_close(torch.tensor(alone.logprobs),
+                                       torch.tensor(sample.logprobs), atol=1e-5, rtol=0)
+        stats = engine.stats()
+        assert stats.num_free_state_slots == stats.num_total_state_slots
+        assert stats.num_free_blocks == stats.num_total_blocks
     finally:
         engine.shutdown()
