@@ -2,6 +2,7 @@
 context grows.
 
     .venv/bin/python scripts/bench_hybrid_decode.py [--contexts 256 1024 4096] [--batch 8]
+        [--prefill-contexts 256 1024]
 
 Two random models of one shape (Qwen3.5-9B's proportions at a quarter of its width): the
 hybrid with Qwen3.5's 3:1 layout of Gated DeltaNet and gated attention, and the same
@@ -13,6 +14,10 @@ them. Median over `--iters` steps after two warm-up steps.
 
 Expected: the linear-attention layers' cost is flat in the context (a fixed-size state),
 the attention layers' grows with it (they read every cached key and value).
+
+Then one prompt's prefill per `--prefill-contexts` length: what a prefix-cache hit of that
+length would have saved, and what a hybrid model, served without prefix caching, pays
+again for every repeat of a prompt.
 """
 
 from __future__ import annotations
@@ -72,6 +77,18 @@ def decode_inputs(model, batch: int, context: int, dtype: torch.dtype):
     return ids, torch.full((batch,), last), caches, meta
 
 
+def prefill_inputs(model, context: int, dtype: torch.dtype):
+    """One fresh prompt of `context` tokens, prefilled in one step."""
+    cfg = model.cfg
+    blocks = -(-context // BLOCK)
+    caches = allocate_kv_caches(cfg, blocks, BLOCK, dtype, "cpu", 1)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(context), block_tables=torch.arange(blocks)[None],
+        context_lens=[context], query_lens=[context], num_decodes=0, block_size=BLOCK,
+        state_slots=StateSlotMetadata.build([0], [True], 0, "cpu"))
+    return torch.randint(0, cfg.vocab_size, (context,)), torch.arange(context), caches, meta
+
+
 def time_mixers(model) -> defaultdict[str, float]:
     """Hooks that add each token mixer's wall time, by kind, into the returned dict."""
     spent: defaultdict[str, float] = defaultdict(float)
@@ -92,11 +109,9 @@ def time_mixers(model) -> defaultdict[str, float]:
 
 
 @torch.inference_mode()
-def measure(model, spent: defaultdict[str, float], batch: int, context: int, iters: int,
-            dtype: torch.dtype) -> dict[str, float]:
+def measure(model, spent: defaultdict[str, float], inputs: tuple, iters: int) -> dict[str, float]:
     """Median milliseconds per step: the whole forward, and each kind of mixer (`spent`:
     what the hooks of `time_mixers` add up)."""
-    inputs = decode_inputs(model, batch, context, dtype)
     rows = defaultdict(list)
     for i in range(iters + 2):
         spent.clear()
@@ -113,9 +128,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prefill-contexts", type=int, nargs="*", default=[256, 1024],
+                        help="also time one prompt's prefill: what a prefix-cache hit saves")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="1 on a machine loaded beyond its cores: OpenMP teams then wait "
+                             "for each other at every op")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     models = {"hybrid": build(False, dtype), "all-attention": build(True, dtype)}
     timers = {name: time_mixers(model) for name, model in models.items()}
@@ -130,10 +151,18 @@ def main() -> None:
     print("|---|---|---|---|---|")
     work = [(c, n) for c in args.contexts for n in models]
     for context, name in tqdm(work, desc="contexts", leave=False):
-        ms = measure(models[name], timers[name], args.batch, context, args.iters, dtype)
+        inputs = decode_inputs(models[name], args.batch, context, dtype)
+        ms = measure(models[name], timers[name], inputs, args.iters)
         per = {kind: value / args.batch for kind, value in ms.items()}
         tqdm.write(f"| {context} | {name} | {per['step']:.2f} | {per.get('attention', 0):.2f} "
                    f"| {per.get('linear', 0):.2f} |")
+    if args.prefill_contexts:
+        print("\n| prompt tokens | model | prefill ms | ms per 1k tokens |\n|---|---|---|---|")
+    work = [(c, n) for c in args.prefill_contexts for n in models]
+    for context, name in tqdm(work, desc="prefills", leave=False):
+        inputs = prefill_inputs(models[name], context, dtype)
+        step = measure(models[name], timers[name], inputs, max(1, args.iters // 5))["step"]
+        tqdm.write(f"| {context} | {name} | {step:.0f} | {1000 * step / context:.0f} |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
