@@ -126,22 +126,26 @@ class Qwen3_5ForCausalLM(CausalLM):
     @classmethod
     def lora_targets(cls, cfg: Qwen3_5Config) -> dict[str, LoraTarget]:
         """The projections of every layer, by Hugging Face (text model) name."""
-        return {f"model.layers.{i}.{name}": LoraTarget(*dims)
-                for i in range(cfg.num_layers) for name, dims in cls.layer_targets(cfg, i).items()}
+        return {f"model.layers.{i}.{name}": target for i in range(cfg.num_layers)
+                for name, target in cls.layer_lora_targets(cfg, i).items()}
 
     @staticmethod
-    def layer_targets(cfg: Qwen3_5Config, layer: int) -> dict[str, tuple[int, int]]:
+    def layer_lora_targets(cfg: Qwen3_5Config, layer: int) -> dict[str, LoraTarget]:
+        """Layer `layer`'s adaptable modules, by their name inside the layer: the fused
+        in_proj_qkv, or its q, k and v slices apart, as the training service has them."""
         h, m, spec = cfg.hidden_size, cfg.intermediate_size, cfg.linear_attention
-        mlp = {"mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
-        if layer not in spec.layers:
-            return {"self_attn.q_proj": (2 * cfg.q_size, h), "self_attn.k_proj": (cfg.kv_size, h),
-                    "self_attn.v_proj": (cfg.kv_size, h), "self_attn.o_proj": (h, cfg.q_size),
-                    **mlp}
-        kd, vd, hv = spec.key_dim, spec.value_dim, spec.num_value_heads
-        return {"linear_attn.in_proj_qkv": (2 * kd + vd, h), "linear_attn.in_proj_q": (kd, h),
-                "linear_attn.in_proj_k": (kd, h), "linear_attn.in_proj_v": (vd, h),
-                "linear_attn.in_proj_z": (vd, h), "linear_attn.in_proj_a": (hv, h),
-                "linear_attn.in_proj_b": (hv, h), "linear_attn.out_proj": (h, vd), **mlp}
+        shapes = {"mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
+        if layer in spec.layers:
+            kd, vd, hv = spec.key_dim, spec.value_dim, spec.num_value_heads
+            shapes |= {f"linear_attn.{name}": dims for name, dims in (
+                ("in_proj_qkv", (2 * kd + vd, h)), ("in_proj_q", (kd, h)), ("in_proj_k", (kd, h)),
+                ("in_proj_v", (vd, h)), ("in_proj_z", (vd, h)), ("in_proj_a", (hv, h)),
+                ("in_proj_b", (hv, h)), ("out_proj", (h, vd)))}
+        else:
+            q, kv = cfg.q_size, cfg.kv_size
+            shapes |= {"self_attn.q_proj": (2 * q, h), "self_attn.k_proj": (kv, h),
+                       "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q)}
+        return {name: LoraTarget(*dims) for name, dims in shapes.items()}
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c, spec = self.cfg, self.cfg.linear_attention

@@ -88,3 +88,39 @@ def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(mod
         assert stats.num_free_blocks == stats.num_total_blocks
     finally:
         engine.shutdown()
+
+
+def test_the_vision_tower_and_mtp_head_are_skipped_unread(model_dirs, monkeypatch):
+    from engine.models import loader
+    from engine.models.registry import load_model_config
+
+    names, read = [], []
+    real_open = loader.safe_open
+
+    class RecordingFile:
+        """safe_open, noting every tensor name listed and every tensor read."""
+
+        def __init__(self, path, framework):
+            self.file = real_open(path, framework=framework)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            names.extend(self.handle.keys())
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(loader, "safe_open", RecordingFile)
+    model_dir = model_dirs["qwen3_5-vl-tied"]
+    loader.load_model(model_dir, load_model_config(model_dir), "cpu", torch.float32,
+                      progress=False)
+    assert any(n.startswith("model.visual.") for n in names) and "mtp.fc.weight" in names
+    assert read and all(name.startswith("model.language_model.") for name in read)
