@@ -11,10 +11,12 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """A module a LoRA adapter may adapt: the shape of its delta `B @ A`, [out, in]."""
+    """A module a LoRA adapter may adapt: the shape of its delta `B @ A`, [out, in]; for
+    the experts of a MoE layer, one such delta per expert."""
 
     out_features: int
     in_features: int     # for the input embedding: the vocabulary (A is a lookup table)
+    num_experts: int = 0  # > 0: 3-D factors, A [E or 1, r, in] and B [E or 1, out, r]
 
 
 @dataclass(frozen=True)

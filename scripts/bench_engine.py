@@ -34,10 +34,15 @@ from engine.models.registry import load_model_config
 T = TypeVar("T")
 
 
-def make_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def make_requests(n: int, vocab: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt, max_tokens) pairs; a model of short context (`max_len`) gets shorter ones."""
     rng = random.Random(seed)
-    return [([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(8, 200))
-            for _ in range(n)]
+    requests = []
+    for _ in range(n):
+        prompt = [rng.randrange(min(100, vocab // 2), vocab)
+                  for _ in range(rng.randint(16, min(256, max_len // 2)))]
+        requests.append((prompt, rng.randint(8, min(200, max_len - len(prompt)))))
+    return requests
 
 
 def bench_engine(engine: Engine, requests) -> float:
@@ -66,10 +71,9 @@ def bench_generate(model, requests, batch_size: int, pad_id: int) -> float:
     return useful / (time.perf_counter() - start)
 
 
-def measure_engine(engine: Engine, requests) -> dict[str, float]:
+def measure_engine(engine: Engine, requests, single) -> dict[str, float]:
     bench_engine(engine, requests[:4])                 # warm-up
-    return {"mixed": bench_engine(engine, requests),
-            "batch-1": bench_engine(engine, [(requests[0][0], 128)])}
+    return {"mixed": bench_engine(engine, requests), "batch-1": bench_engine(engine, [single])}
 
 
 def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
@@ -90,12 +94,12 @@ def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
     return results[0]
 
 
-def measure_mode(core: str, model_dir, dtype: torch.dtype, requests) -> dict[str, float]:
+def measure_mode(core: str, model_dir, dtype: torch.dtype, requests, single) -> dict[str, float]:
     engine = Engine(model_dir, core=core, dtype=dtype, progress=False)
     if core == "inline":
-        return with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests))
+        return with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests, single))
     try:
-        return measure_engine(engine, requests)
+        return measure_engine(engine, requests, single)
     finally:
         engine.shutdown()
 
@@ -125,11 +129,15 @@ def run(dtype_name: str, num_prompts: int, model_dir, cores: list[str]) -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
-    requests = make_requests(num_prompts, load_model_config(model_dir).vocab_size)
-    ours = {core: measure_mode(core, model_dir, dtype, requests) for core in cores}
+    cfg = load_model_config(model_dir)
+    max_len = cfg.max_position_embeddings
+    requests = make_requests(num_prompts, cfg.vocab_size, max_len)
+    prompt = requests[0][0]
+    single = (prompt, min(128, max_len - len(prompt)))     # the batch-1 decode
+    ours = {core: measure_mode(core, model_dir, dtype, requests, single) for core in cores}
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
-              "batch-1": bench_generate(hf, [(requests[0][0], 128)], 1, 2)}
+              "batch-1": bench_generate(hf, [single], 1, 2)}
     del hf
     for core, rates in ours.items():
         for name, rate in rates.items():
@@ -137,7 +145,7 @@ def run(dtype_name: str, num_prompts: int, model_dir, cores: list[str]) -> None:
                   f"transformers {theirs[name]:8.1f} tok/s   ratio {rate / theirs[name]:5.2f}x"
                   + "".join(f"   {rate / ours[other][name]:5.2f}x of {other}"
                             for other in ours if other != core), flush=True)
-    measure_samples(model_dir, dtype, 16, 1000)
+    measure_samples(model_dir, dtype, 16, min(1000, max_len - 1))
 
 
 def main() -> None:

@@ -39,6 +39,17 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen3-MoE in both weight layouts: `hub` (one tensor per expert, as
+    `save_pretrained` writes) and `fused` (transformers' in-memory 3-D tensors)."""
+    from tests.tiny_models import moe_config, save_state_dict_copy, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-moe")
+    hub = save_tiny_model(moe_config(), root / "hub")
+    return {"hub": hub, "fused": save_state_dict_copy(hub, root / "fused")}
+
+
+@pytest.fixture(scope="session")
 def hybrid_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """name -> directory of a tiny random Qwen3.5 model (see tests/tiny_models.py)."""
     from tests.tiny_models import hybrid_configs, save_tiny_model

@@ -6,6 +6,7 @@ engine can load it like a real model without anything from a hub.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +39,15 @@ def family_configs() -> dict:
     }
 
 
+def moe_config():
+    """A tiny Qwen3-MoE: 8 experts, top 2, layer 0 dense (`mlp_only_layers`), 1 and 2 sparse."""
+    from transformers import Qwen3MoeConfig
+
+    fields = _common(head_dim=32, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0])
+    return Qwen3MoeConfig(**{**fields, "num_hidden_layers": 3})
+
+
 def hybrid_configs() -> dict:
     """name -> transformers config of a Qwen3.5 model: three linear-attention layers, then
     one gated-attention layer, with the hub's multimodal rotary sections."""
@@ -59,8 +69,9 @@ def hybrid_configs() -> dict:
 
 
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
-    """A random model saved in the layout its config names (a vision-language config
-    saves the whole vision-language model, tower included)."""
+    """A random model saved with `save_pretrained` in the layout its config names (a
+    vision-language config saves the whole model, tower included; MoE experts one tensor
+    per expert, as on the hub)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
@@ -70,9 +81,22 @@ def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make the random model less flat, so greedy choices are clear-cut
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
+    return path
+
+
+def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
+    """The same model as transformers holds it in memory (`state_dict()`: MoE experts fused
+    into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]), written by hand."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors")
     return path
 
 

@@ -9,14 +9,17 @@ An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
 Accepted tensor names, `<m>` being a module of the Hugging Face model:
 - PEFT: `base_model.model.<m>.lora_A.weight`; the input embedding as
   `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
-- the training service: the output head as `model.unembed_tokens` (means `lm_head`)
-  and the input embedding with plain `lora_A.weight` / `lora_B.weight`; for Qwen3.5,
+- the training service: the output head as `model.unembed_tokens` (means `lm_head`),
+  the input embedding with plain `lora_A.weight` / `lora_B.weight`, the experts of
+  a MoE layer as 3-D factors `<layer>.mlp.experts.w1` (gate_proj), `w3` (up_proj) and
+  `w2` (down_proj): A [E or 1, r, in] and B [E or 1, out, r], where a leading 1 is one
+  factor shared by every expert (expert e's delta is `B[e] @ A[e]`), and for Qwen3.5
   separate `in_proj_q`, `in_proj_k`, `in_proj_v` factors for slices of the fused
   `in_proj_qkv` (the model's `param_slice` places them);
 - a vision-language model's text modules as `model.language_model.<...>`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
-delta is `(B @ A).T`. MoE expert tensors (`experts.w1/w2/w3`) are refused: the engine
-serves dense models only.
+delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, a linear layer hidden -> E)
+merges like any other linear module.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.checkpoints.adapter_config import MOE_MODULES, AdapterConfig
+from engine.checkpoints.adapter_config import AdapterConfig
 from engine.checkpoints.errors import CheckpointInvalid
 from engine.config import LoraTarget, ModelConfig
 from engine.models.registry import lora_targets
@@ -40,6 +43,9 @@ PICKLE_FILE = "adapter_model.bin"
 LM_HEAD, EMBEDDING = "lm_head", "model.embed_tokens"
 # Module names the training service uses for what Hugging Face calls otherwise.
 MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
+# The training service's names for the expert projections of a MoE layer.
+EXPERT_MODULES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT_MODULE = re.compile(r"\.experts\.(w[123])$")
 # A vision-language checkpoint (Qwen3.5) nests the text model: PEFT over it names
 # `model.language_model.layers...` what the text model calls `model.layers...`.
 LANGUAGE_MODEL_PREFIX = re.compile(r"^model\.language_model\.")
@@ -54,21 +60,35 @@ class LoraModule:
 
     module: str           # Hugging Face name in the served model: `model.layers.0.mlp.up_proj`, `lm_head`
     scale: float
-    lora_a: torch.Tensor  # [r, in]; for the input embedding [r, vocab]
-    lora_b: torch.Tensor  # [out, r]; for the input embedding [hidden, r]
+    lora_a: torch.Tensor  # [r, in]; input embedding [r, vocab]; experts [E or 1, r, in]
+    lora_b: torch.Tensor  # [out, r]; input embedding [hidden, r]; experts [E or 1, out, r]
 
     def merge_into(self, out: torch.Tensor, base: torch.Tensor) -> None:
         """out = base + scale * delta, computed in float32 and cast once.
 
         `base`, `out`: the module's weight [out, in] (the embedding's is [vocab, hidden],
-        hence its transposed delta); `out` is the live weight's rows.
+        hence its transposed delta; the experts' [E, out, in], one delta per expert);
+        `out` is the live weight's slice.
         """
-        mat1, mat2 = ((self.lora_a.T, self.lora_b.T) if self.module == EMBEDDING
-                      else (self.lora_b, self.lora_a))
-        if out.dtype == torch.float32:
-            torch.addmm(base, mat1, mat2, alpha=self.scale, out=out)   # no temporary
+        if self.lora_a.dim() == 3:
+            num_experts = out.shape[0]
+            a = self.lora_a.expand(num_experts, -1, -1)   # a shared factor serves every expert
+            b = self.lora_b.expand(num_experts, -1, -1)
+            for e in range(num_experts):
+                _add_scaled_product(out[e], base[e], b[e], a[e], self.scale)
+        elif self.module == EMBEDDING:
+            _add_scaled_product(out, base, self.lora_a.T, self.lora_b.T, self.scale)
         else:
-            out.copy_(torch.addmm(base.float(), mat1, mat2, alpha=self.scale))
+            _add_scaled_product(out, base, self.lora_b, self.lora_a, self.scale)
+
+
+def _add_scaled_product(out: torch.Tensor, base: torch.Tensor, mat1: torch.Tensor,
+                        mat2: torch.Tensor, scale: float) -> None:
+    """out = base + scale * (mat1 @ mat2), in float32, cast to out's dtype once."""
+    if out.dtype == torch.float32:
+        torch.addmm(base, mat1, mat2, alpha=scale, out=out)   # no temporary
+    else:
+        out.copy_(torch.addmm(base.float(), mat1, mat2, alpha=scale))
 
 
 @dataclass(frozen=True)
@@ -134,32 +154,53 @@ def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
             raise CheckpointInvalid(f"{name}: lora_{'B' if 'A' in keys else 'A'} is missing")
         if module in plan:
             raise CheckpointInvalid(f"{name}: {module} is adapted twice")
-        a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
-        out_dim, in_dim = targets[module].out_features, targets[module].in_features
-        rank = a_shape[0] if a_shape else 0
-        if a_shape != (rank, in_dim) or b_shape != (out_dim, rank) or rank == 0:
-            raise CheckpointInvalid(
-                f"{name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit this base model "
-                f"(expected [r, {in_dim}] / [{out_dim}, r])")
+        rank = _rank(name, targets[module], shapes[keys["A"]], shapes[keys["B"]])
         plan[module] = (keys["A"], keys["B"], config.scale(name, rank))
     return plan
 
 
+def _rank(name: str, target: LoraTarget, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """The rank of a module's factors, once their shapes are checked against its target."""
+    out_dim, in_dim, experts = target.out_features, target.in_features, target.num_experts
+    if experts:   # 3-D: one factor per expert, or one shared by every expert (a leading 1)
+        leads_fit = len(a_shape) == len(b_shape) == 3 and {a_shape[0], b_shape[0]} <= {1, experts}
+        a, b, lead = a_shape[1:], b_shape[1:], f"{experts} or 1, "
+    else:
+        leads_fit, a, b, lead = True, a_shape, b_shape, ""
+    rank = a[0] if a else 0
+    if not leads_fit or a != (rank, in_dim) or b != (out_dim, rank) or rank == 0:
+        raise CheckpointInvalid(
+            f"{name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit this base model "
+            f"(expected [{lead}r, {in_dim}] / [{lead}{out_dim}, r])")
+    return rank
+
+
 def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) -> str:
     """The served model's module for an adapter's module name; refuses what we cannot merge."""
-    leaf = name.rsplit(".", 1)[-1]
-    if ".experts." in name or leaf in MOE_MODULES:
-        raise CheckpointInvalid(f"{name}: MoE expert adapters are not supported "
-                                "(this engine serves dense models only)")
-    name = LANGUAGE_MODEL_PREFIX.sub("model.", name)
-    name = MODULE_ALIASES.get(name, name)
-    if name in targets:
-        return name
-    match = _LAYER.match(name)
+    served = LANGUAGE_MODEL_PREFIX.sub("model.", name)
+    served = MODULE_ALIASES.get(served, served)
+    served = _EXPERT_MODULE.sub(lambda m: f".experts.{EXPERT_MODULES[m[1]]}", served)
+    if served in targets:
+        return served
+    match = _LAYER.match(served)
     if match and int(match["layer"]) >= cfg.num_layers:
         raise CheckpointInvalid(f"{name}: layer {match['layer']} does not exist "
                                 f"(the base model has {cfg.num_layers} layers)")
+    if ".experts." in name:
+        raise _unservable_experts(name, match, targets, cfg)
     raise CheckpointInvalid(f"{name}: unknown target module for a {cfg.model_type} model")
+
+
+def _unservable_experts(name: str, layer: re.Match | None, targets: dict[str, LoraTarget],
+                        cfg: ModelConfig) -> CheckpointInvalid:
+    if not any(target.num_experts for target in targets.values()):
+        return CheckpointInvalid(f"{name}: MoE expert factors, but this {cfg.model_type} model "
+                                 "has no experts")
+    if layer and not any(t.startswith(f"{layer[0]}mlp.experts.") for t in targets):
+        return CheckpointInvalid(f"{name}: MoE expert factors, but layer {layer['layer']} of this "
+                                 f"{cfg.model_type} model is dense")
+    return CheckpointInvalid(f"{name}: unknown expert module (experts are adapted through the 3-D "
+                             "factors `mlp.experts.w1`, `w2` and `w3`)")
 
 
 def _check_target_modules(config: AdapterConfig, targets: dict[str, LoraTarget],
@@ -168,7 +209,9 @@ def _check_target_modules(config: AdapterConfig, targets: dict[str, LoraTarget],
     of module names); each must be one this model has."""
     if not isinstance(config.target_modules, list):
         return
-    known = {name.rsplit(".", 1)[-1] for name in [*targets, *MODULE_ALIASES]} | set(MOE_MODULES)
+    # The service's expert names are accepted for any model: its default target list may
+    # name them for a dense one too (PEFT ignores a name that matches nothing).
+    known = {name.rsplit(".", 1)[-1] for name in [*targets, *MODULE_ALIASES]} | set(EXPERT_MODULES)
     for target in config.target_modules:
         if str(target).rsplit(".", 1)[-1] not in known:
             raise CheckpointInvalid(f"unknown target module {target!r} (a {cfg.model_type} "

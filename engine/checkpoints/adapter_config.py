@@ -17,7 +17,6 @@ from pathlib import Path
 from engine.checkpoints.errors import CheckpointInvalid
 
 CONFIG_FILE = "adapter_config.json"
-MOE_MODULES = ("w1", "w2", "w3")   # the training service's names for MoE expert projections
 
 
 @dataclass(frozen=True)

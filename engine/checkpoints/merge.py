@@ -1,15 +1,17 @@
 """Serve one LoRA checkpoint at a time by merging it into the live model's weights.
 
 `activate(dir)` makes every weight equal `base + delta(dir)` (`None`: the base
-model). Merging costs one small matmul per adapted module, and the model then runs at
-full speed with no per-token LoRA work; the scheduler batches requests of the same
-checkpoint so that switches are rare.
+model). Merging costs one small matmul per adapted module (per expert, for the experts
+of a MoE layer), and the model then runs at full speed with no per-token LoRA work; the
+scheduler batches requests of the same checkpoint so that switches are rare.
 
 Switching never drifts the base: the first time a weight is modified, an exact copy
 of it is kept, and every later merge or restore starts from that copy, so A -> B -> A
-gives bit-identical weights. On a model with tied embeddings an adapter on `lm_head`
-or on the input embedding unties them for as long as it is active (PEFT applies each
-delta to its own module only), and the base re-ties them.
+gives bit-identical weights. Only weights some adapter has touched are copied, but a
+whole tensor at a time: an expert adapter copies every expert of its layers, most of a
+MoE model (the README gives Qwen3-30B-A3B's figure). On a model with tied embeddings an
+adapter on `lm_head` or on the input embedding unties them for as long as it is active
+(PEFT applies each delta to its own module only), and the base re-ties them.
 
 Only the engine thread may call `activate`: it rewrites weights the model is using.
 """
@@ -34,6 +36,7 @@ from engine.checkpoints.errors import CheckpointInvalid
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
 # (resolved directory, inode, mtime_ns, size of its weights file): a rewritten checkpoint is a new one.
 AdapterKey = tuple[Path, int, int, int]
+Index = slice | tuple[int | slice, ...]   # the part of a parameter one module's delta fills
 _MISSING = (0, 0, 0)
 
 
@@ -80,6 +83,11 @@ class LoraManager:
         self._active: AdapterKey | None = None
 
     @property
+    def base_copy_bytes(self) -> int:
+        """Memory held by the exact base copies (on `backup_device`)."""
+        return sum(t.nbytes for t in self._base.values())
+
+    @property
     def active(self) -> Path | None:
         """The directory of the adapter merged now (None: the base model)."""
         return None if self._active is None else self._active[0]
@@ -115,26 +123,26 @@ class LoraManager:
             self.cache.put(key, adapter)
         return adapter
 
-    def _targets(self, adapter: LoraAdapter | None) -> dict[str, list[tuple[LoraModule, slice]]]:
-        """Our parameter name -> the adapter modules merged into it, with their rows."""
-        targets: dict[str, list[tuple[LoraModule, slice]]] = {}
+    def _targets(self, adapter: LoraAdapter | None) -> dict[str, list[tuple[LoraModule, Index]]]:
+        """Our parameter name -> the adapter modules merged into it, with the part each
+        writes (rows of a fused projection; for experts, their rows of every expert)."""
+        targets: dict[str, list[tuple[LoraModule, Index]]] = {}
         for module in adapter.modules if adapter else []:
-            name, rows = self.model.param_slice(module.module + ".weight")
-            targets.setdefault(name, []).append((module, rows or slice(None)))
+            name, index = self.model.param_slice(module.module + ".weight")
+            targets.setdefault(name, []).append((module, slice(None) if index is None else index))
         if self._tied and (LM_HEAD in targets or EMBED in targets):
             # Untied, both halves are served: one of them may just hold the base.
             targets.setdefault(LM_HEAD, [])
             targets.setdefault(EMBED, [])
         return targets
 
-    def _merge(self, name: str, parts: list[tuple[LoraModule, slice]]) -> None:
+    def _merge(self, name: str, parts: list[tuple[LoraModule, Index]]) -> None:
         param, base = self.model.get_parameter(name), self._base_copy(name)
-        num_rows = param.shape[0]
-        covered = sum(len(range(*rows.indices(num_rows))) for _, rows in parts)
-        if name in self._modified and covered < num_rows:
-            param.copy_(base)   # rows no module of this adapter writes must hold the base
-        for module, rows in parts:
-            module.merge_into(param[rows], base[rows].to(self._device))
+        covered = sum(param[index].numel() for _, index in parts)
+        if name in self._modified and covered < param.numel():
+            param.copy_(base)   # what no module of this adapter writes must hold the base
+        for module, index in parts:
+            module.merge_into(param[index], base[index].to(self._device))
 
     def _restore(self, name: str) -> None:
         if self._tied and name == LM_HEAD:

@@ -10,6 +10,7 @@ Two reasons, both measured on this project's AMD EPYC machine (BENCHMARKS.md):
 for CPU linear layers. The packed copy costs a second copy of the weights in host memory;
 the dense weight stays the one that loading and LoRA merges write, and a change to it (a
 new tensor, or its version counter moved) repacks it before the next product.
+`PackedWeight` is that rule, for this layer and for the experts of engine.layers.moe.
 """
 
 from __future__ import annotations
@@ -23,21 +24,43 @@ from torch import nn
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def uses_onednn(x: torch.Tensor) -> bool:
+    """Whether a product with input x runs on oneDNN (CPU, float32 or bfloat16)."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, with `weight` packed by `PackedWeight` (or a dense [out, in])."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class PackedWeight:
+    """oneDNN's packed copy of a weight [out, in], or of each matrix of a stack of them
+    [E, out, in] (one per expert), remade when the weight changes."""
+
+    def __init__(self) -> None:
+        self._packed: torch.Tensor | list[torch.Tensor] | None = None
+        self._packed_from: tuple[weakref.ref, int] | None = None    # (weight, its version)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if weight.is_inference():      # no version counter to watch: use it as it is
+            return weight if weight.dim() == 2 else list(weight)
+        ref, version = self._packed_from or (None, -1)
+        if ref is None or ref() is not weight or version != weight._version:
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            dense = weight.detach()
+            self._packed = pack(dense) if dense.dim() == 2 else [pack(w) for w in dense]
+            self._packed_from = (weakref.ref(weight), weight._version)
+        return self._packed
+
+
 class Linear(nn.Linear):
-    _packed: torch.Tensor | None = None
-    _packed_from: tuple[weakref.ref, int] | None = None     # (weight, its version) when packed
+    _packed: PackedWeight | None = None     # made at the first product on oneDNN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.bias,
-                                                      "none", [], "")
+        if uses_onednn(x):
+            if self._packed is None:
+                self._packed = PackedWeight()
+            return onednn_linear(x, self._packed(self.weight), self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def _onednn_weight(self) -> torch.Tensor:
-        if self.weight.is_inference():      # no version counter to watch: use it as it is
-            return self.weight
-        ref, version = self._packed_from or (None, -1)
-        if ref is None or ref() is not self.weight or version != self.weight._version:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            self._packed_from = (weakref.ref(self.weight), self.weight._version)
-        return self._packed

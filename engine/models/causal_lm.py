@@ -3,8 +3,9 @@ logits, tied embeddings, and where a Hugging Face weight lands in a fused projec
 
 A family subclasses `CausalLM`: its `__init__` builds `embed_tokens`, `layers` (each
 called as `layer(x, rope, cache, meta)` with its own cache), `norm`, `rotary` and
-`lm_head`, and it names its fused projections (`packed_modules`, `_shard_sizes`). The
-loader and LoRA merging both go through `param_slice`.
+`lm_head`, it names its fused projections (`packed_modules`, `_shard_sizes`) and each
+layer's adaptable modules (`layer_lora_targets`). The loader and LoRA merging both go
+through `param_slice`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import torch
 from torch import nn
 
+from engine.config import LoraTarget, ModelConfig
 from engine.layers.attention import AttentionMetadata
 
 
@@ -40,6 +42,18 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         return self.lm_head(hidden).float()
+
+    @classmethod
+    def lora_targets(cls, cfg: ModelConfig) -> dict[str, LoraTarget]:
+        """The adaptable modules of every layer, by Hugging Face (text model) name (see
+        engine.models.registry)."""
+        return {f"model.layers.{i}.{name}": target for i in range(cfg.num_layers)
+                for name, target in cls.layer_lora_targets(cfg, i).items()}
+
+    @staticmethod
+    def layer_lora_targets(cfg: ModelConfig, layer: int) -> dict[str, LoraTarget]:
+        """Layer `layer`'s adaptable modules, by their name inside the layer."""
+        raise NotImplementedError
 
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).

@@ -25,6 +25,20 @@ PACKED_MODULES = {
 }
 
 
+def attention_lora_targets(cfg: ModelConfig) -> dict[str, LoraTarget]:
+    h = cfg.hidden_size
+    return {"self_attn.q_proj": LoraTarget(cfg.q_size, h),
+            "self_attn.k_proj": LoraTarget(cfg.kv_size, h),
+            "self_attn.v_proj": LoraTarget(cfg.kv_size, h),
+            "self_attn.o_proj": LoraTarget(h, cfg.q_size)}
+
+
+def mlp_lora_targets(hidden: int, intermediate: int) -> dict[str, LoraTarget]:
+    return {"mlp.gate_proj": LoraTarget(intermediate, hidden),
+            "mlp.up_proj": LoraTarget(intermediate, hidden),
+            "mlp.down_proj": LoraTarget(hidden, intermediate)}
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -62,12 +76,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Attention, then the feed-forward block `mlp` (a dense MLP, or experts), each residual."""
+
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
     def forward(self, x, rope, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
@@ -82,7 +98,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i))
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
@@ -90,14 +107,15 @@ class LlamaForCausalLM(CausalLM):
         self.tie_weights()
 
     @staticmethod
-    def lora_targets(cfg: ModelConfig) -> dict[str, LoraTarget]:
-        """The projections of every layer, by Hugging Face name (see engine.models.registry)."""
-        h, m = cfg.hidden_size, cfg.intermediate_size
-        per_layer = {"self_attn.q_proj": (cfg.q_size, h), "self_attn.k_proj": (cfg.kv_size, h),
-                     "self_attn.v_proj": (cfg.kv_size, h), "self_attn.o_proj": (h, cfg.q_size),
-                     "mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
-        return {f"model.layers.{i}.{name}": LoraTarget(*dims)
-                for i in range(cfg.num_layers) for name, dims in per_layer.items()}
+    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+        """Layer `layer`'s feed-forward block (a family with experts overrides this)."""
+        return MLP(cfg)
+
+    @staticmethod
+    def layer_lora_targets(cfg: ModelConfig, layer: int) -> dict[str, LoraTarget]:
+        """Layer `layer`'s adaptable modules, by their name inside the layer."""
+        return {**attention_lora_targets(cfg),
+                **mlp_lora_targets(cfg.hidden_size, cfg.intermediate_size)}
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg

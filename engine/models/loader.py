@@ -28,7 +28,7 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
     model.tie_weights()
     model.rotary.reset_cache()
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    filled = dict.fromkeys(params, 0)     # elements written so far, of each parameter
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
@@ -39,13 +39,14 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
                                     leave=False):
                     if _ignored(hf_name, cfg):
                         continue
-                    name, rows = model.param_slice(hf_name)
+                    name, index = model.param_slice(hf_name)
                     if name not in params:
                         raise ValueError(f"{path.name}: unexpected weight {hf_name!r}")
-                    target = params[name] if rows is None else params[name][rows]
+                    target = params[name] if index is None else params[name][index]
                     target.copy_(f.get_tensor(hf_name))
-                    loaded.add(name)
-    missing = set(params) - loaded
+                    filled[name] += target.numel()
+    # A fused parameter (q/k/v, gate/up, every expert) is whole only once all its parts are.
+    missing = [name for name, param in params.items() if filled[name] < param.numel()]
     if missing:
         raise ValueError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
     return model.eval()

@@ -123,12 +123,6 @@ class Qwen3_5ForCausalLM(CausalLM):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
-    @classmethod
-    def lora_targets(cls, cfg: Qwen3_5Config) -> dict[str, LoraTarget]:
-        """The projections of every layer, by Hugging Face (text model) name."""
-        return {f"model.layers.{i}.{name}": target for i in range(cfg.num_layers)
-                for name, target in cls.layer_lora_targets(cfg, i).items()}
-
     @staticmethod
     def layer_lora_targets(cfg: Qwen3_5Config, layer: int) -> dict[str, LoraTarget]:
         """Layer `layer`'s adaptable modules, by their name inside the layer: the fused

@@ -17,11 +17,13 @@ from torch import nn
 from engine.config import LoraTarget, ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.models.qwen3_5 import Qwen3_5ForCausalLM
+from engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 FAMILIES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
     "qwen3_5_text": Qwen3_5ForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,        # the hub's vision-language layout; text only here
 }

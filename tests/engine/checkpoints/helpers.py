@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoints.merge import LoraManager
 from engine.layers.attention import AttentionMetadata
 from engine.layers.linear_attention import StateSlotMetadata
 from engine.model_runner import allocate_kv_caches
@@ -22,6 +23,8 @@ from engine.models.loader import load_model
 from engine.models.registry import load_model_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = [5, 17, 42, 99, 7, 23, 61, 130, 8, 77, 3, 54]
+TOLERANCE = 1e-4
 LogprobsFn = Callable[[list[int]], torch.Tensor]   # token ids -> logprobs [len, vocab]
 
 
@@ -95,6 +98,49 @@ def greedy(logprobs: LogprobsFn, prompt: list[int], num_tokens: int) -> list[int
     for _ in range(num_tokens):
         ids.append(int(logprobs(ids)[-1].argmax()))
     return ids[len(prompt):]
+
+
+def assert_same_model_outputs(ours, oracle, num_new_tokens: int = 6) -> None:
+    """Greedy tokens equal; the logprob of every token of prompt + continuation, and the
+    top-5 logprobs at every position (what a client sees), within TOLERANCE."""
+    tokens = greedy(oracle, PROMPT, num_new_tokens)
+    assert greedy(ours, PROMPT, num_new_tokens) == tokens
+    ids = PROMPT + tokens
+    ours_lp, oracle_lp = ours(ids), oracle(ids)
+    targets = torch.tensor(ids[1:])[:, None]
+    token_diff = (ours_lp[:-1].gather(1, targets) - oracle_lp[:-1].gather(1, targets)).abs().max().item()
+    top_diff = (ours_lp.topk(5).values - oracle_lp.topk(5).values).abs().max().item()
+    assert max(token_diff, top_diff) < TOLERANCE, f"token {token_diff:.2e}, top-5 {top_diff:.2e}"
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    """Every weight the model computes with, the head included even when tied."""
+    return {**{k: v.clone() for k, v in model.named_parameters()},
+            "lm_head": model.lm_head.weight.clone()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_switching_a_b_a_then_base_is_bit_exact(model, a: Path, b: Path,
+                                                  prompt: list[int]) -> None:
+    """Adapter A, then B, then A again: the weights and outputs of A bit for bit; then the
+    base model's, bit for bit."""
+    manager, forward = LoraManager(model), engine_logprobs_fn(model)
+    base_weights, base_out = weights(model), forward(prompt)
+    manager.activate(a)
+    a_weights, a_out = weights(model), forward(prompt)
+    manager.activate(b)
+    assert not torch.equal(forward(prompt), a_out)
+    manager.activate(a)
+    assert_bit_identical(weights(model), a_weights)
+    assert torch.equal(forward(prompt), a_out)
+    manager.activate(None)
+    assert_bit_identical(weights(model), base_weights)
+    assert torch.equal(forward(prompt), base_out)
 
 
 def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,

@@ -15,24 +15,16 @@ from engine.models.loader import load_model
 from engine.models.registry import load_model_config
 from tests.engine.checkpoints.helpers import (
     ALL_LINEAR,
+    assert_bit_identical,
+    assert_switching_a_b_a_then_base_is_bit_exact,
     engine_logprobs_fn,
     load_engine_model,
     save_peft_adapter,
+    weights,
 )
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 TIED = "llama3-rope-scaling"
-
-
-def weights(model) -> dict[str, torch.Tensor]:
-    """Every weight the model computes with, the head included even when tied."""
-    return {**{k: v.clone() for k, v in model.named_parameters()}, "lm_head": model.lm_head.weight.clone()}
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.fixture
@@ -45,18 +37,7 @@ def tied_setup(tiny_model_dirs, tmp_path):
 
 def test_switching_a_b_a_then_base_is_bit_exact(tied_setup):
     model, a, b = tied_setup
-    manager, forward = LoraManager(model), engine_logprobs_fn(model)
-    base_weights, base_out = weights(model), forward(PROMPT)
-    manager.activate(a)
-    a_weights, a_out = weights(model), forward(PROMPT)
-    manager.activate(b)
-    assert not torch.equal(forward(PROMPT), a_out)
-    manager.activate(a)
-    assert_bit_identical(weights(model), a_weights)
-    assert torch.equal(forward(PROMPT), a_out)
-    manager.activate(None)
-    assert_bit_identical(weights(model), base_weights)
-    assert torch.equal(forward(PROMPT), base_out)
+    assert_switching_a_b_a_then_base_is_bit_exact(model, a, b, PROMPT)
     assert model.lm_head.weight is model.embed_tokens.weight   # tied again
 
 

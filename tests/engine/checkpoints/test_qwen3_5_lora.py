@@ -18,7 +18,7 @@ from tests.engine.checkpoints.helpers import (
     write_adapter,
 )
 from tests.engine.checkpoints.test_adapter import assert_same_model_outputs
-from tests.engine.models.oracle import load_transformers_model
+from tests.engine.models.parity import load_transformers_model
 
 EVERY_PROJECTION = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj",
                     "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

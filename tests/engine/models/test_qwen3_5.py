@@ -1,11 +1,10 @@
 """Qwen3.5 (hybrid Gated DeltaNet + gated attention) against transformers: greedy tokens
 exactly, logprobs within 1e-4 (float32), text and vision-language checkpoint layouts.
 
-Every cache layout the engine may use is covered: small and large blocks, preemption (a
-KV cache too small for the batch: states are recomputed from scratch), chunked prefill
-(states carried from chunk to chunk), and fewer state slots than requests (sequences wait
-for a slot). No block or slot may leak, and no prompt token is served from the prefix
-cache (a cached block cannot restore a recurrent state).
+Every cache layout of parity.py is covered (preemption: states are recomputed from
+scratch; chunked prefill: states carried from chunk to chunk), and fewer state slots
+than requests (sequences wait for a slot). No block or slot may leak, and no prompt
+token is served from the prefix cache (a cached block cannot restore a recurrent state).
 """
 
 from __future__ import annotations
@@ -15,21 +14,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import Engine, ModelInput, SamplingParams, llm_engine
-from tests.engine.models.oracle import assert_engine_decodes_like_transformers, transformers_greedy
+from tests.engine.models.parity import (
+    ENGINE_LAYOUTS,
+    SHARED,
+    assert_engine_matches,
+    transformers_outputs,
+)
 
 NEW_TOKENS = 24
-SHARED = list(range(11, 31))
 # Lengths 3, 22, 21, 1 (a one-token prompt starts as a decode) and 70 (over one chunk of
 # the chunked delta rule); two share a prefix that must not be served from the cache.
 PROMPTS = [[5, 6, 7], SHARED + [40, 41], list(range(60, 81)), [9], SHARED + list(range(100, 150))]
-
-ENGINE_LAYOUTS = {
-    "block4": dict(block_size=4, num_kv_blocks=256),
-    "block16": dict(block_size=16, num_kv_blocks=64),
-    "preemption": dict(block_size=4, num_kv_blocks=28),     # 112 slots: about one long sequence
-    "chunked-prefill": dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=8),
-    "two-state-slots": dict(block_size=4, num_kv_blocks=256, max_num_seqs=2),
-}
+LAYOUTS = {**ENGINE_LAYOUTS,
+           "preemption": dict(block_size=4, num_kv_blocks=28),    # 112 slots: one long prompt
+           "two-state-slots": dict(block_size=4, num_kv_blocks=256, max_num_seqs=2)}
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +42,14 @@ def model_dirs(hybrid_model_dirs):
 
 @pytest.fixture(scope="module")
 def oracle(model_dirs):
-    return {name: [transformers_greedy(path, p, NEW_TOKENS) for p in PROMPTS]
+    return {name: transformers_outputs(path, PROMPTS, NEW_TOKENS)
             for name, path in model_dirs.items()}
 
 
-@pytest.mark.parametrize("layout", ENGINE_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied"])
 def test_greedy_tokens_and_logprobs_match_transformers(family, layout, model_dirs, oracle):
-    engine = Engine(model_dirs[family], progress=False, **ENGINE_LAYOUTS[layout])
-    try:
-        assert_engine_decodes_like_transformers(engine, PROMPTS, oracle[family], NEW_TOKENS)
-        stats = engine.stats()
-        assert stats.num_free_blocks == stats.num_total_blocks
-        assert stats.num_free_state_slots == stats.num_total_state_slots > 0
-        assert stats.num_prefix_cached_tokens == 0
-        if layout == "preemption":
-            assert stats.num_preemptions > 0
-    finally:
-        engine.shutdown()
+    assert_engine_matches(model_dirs[family], layout, oracle[family], LAYOUTS, PROMPTS)
 
 
 def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(model_dirs,

@@ -1,0 +1,161 @@
+"""Mixture-of-experts feed-forward: a router picks k experts per token, each a gated MLP.
+
+`SparseMoE(x)` is the definition written out: the router scores every expert, keeps the
+top k per token with their weights, the (token, expert) pairs are grouped by expert,
+each expert that received tokens runs one gate/up product, the activation and one down
+product over all of its tokens at once, and every token gets back the weighted sum of
+its k experts' outputs. It is the reference a fused kernel would be tested against.
+
+The three pieces that differ between families are separate and named, so that a family
+composes its own layer from them:
+- the routing (`softmax_topk`; gpt-oss takes the softmax over the chosen top-k logits),
+  a function `router logits [T, E] -> (weights [T, k] float32, expert ids [T, k])`;
+- the activation (`silu_and_mul`; gpt-oss clamps a SwiGLU over interleaved gate/up
+  columns), a function `gate_up [n, 2 * I] -> [n, I]`;
+- biases on the router and on the experts (gpt-oss has both; the Qwen3 families none).
+A shared expert (Qwen3.5-MoE) is a dense MLP added beside this layer by the family.
+
+Expert weights are fused into two 3-D tensors, laid out as transformers holds them:
+`gate_up_proj` [E, 2 * I, H] (each expert's gate rows, then its up rows) and `down_proj`
+[E, H, I]. Expert e's slice of each is an ordinary `[out, in]` linear weight, so a hub
+checkpoint's per-expert tensors copy straight into their rows, a LoRA delta `B @ A`
+([out, in]) adds to a slice without a transpose, and one expert's product reads one
+contiguous block of memory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import LoraTarget
+from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+# `<prefix>.experts.<e>.<proj>.weight` (one expert, the hub's layout) or
+# `<prefix>.experts.<proj>.weight` (every expert at once: the 3-D LoRA targets).
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.experts)\.(?:(?P<expert>\d+)\.)?"
+                            r"(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int,
+                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE's router (also Mixtral's, and Qwen3.5-MoE's with `renormalize` always on).
+
+    logits: [T, E] -> weights [T, k] float32 and expert ids [T, k]: the softmax over all
+    experts, in float32, of the k most probable, rescaled to sum to 1 if `renormalize`."""
+    probs = logits.softmax(dim=-1, dtype=torch.float32)                # [T, E]
+    weights, experts = probs.topk(top_k, dim=-1)                       # [T, k] each
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU over the concatenated layout: gate_up [n, 2 * I] (gate, then up) -> [n, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def expert_param_slice(name: str, intermediate_size: int) -> tuple[str, tuple] | None:
+    """Where a per-expert Hugging Face weight lands in `FusedExperts`' tensors.
+
+    `<p>.experts.5.up_proj.weight` -> (`<p>.experts.gate_up_proj`, expert 5's up rows);
+    `<p>.experts.up_proj.weight` -> the same rows of every expert (a 3-D LoRA target).
+    None for any other name."""
+    match = _EXPERT_WEIGHT.match(name)
+    if not match:
+        return None
+    expert = slice(None) if match["expert"] is None else int(match["expert"])
+    i = intermediate_size
+    fused, rows = {"gate_proj": ("gate_up_proj", slice(0, i)),
+                   "up_proj": ("gate_up_proj", slice(i, 2 * i)),
+                   "down_proj": ("down_proj", slice(None))}[match["proj"]]
+    return f"{match['prefix']}.{fused}", (expert, rows)
+
+
+def expert_lora_targets(hidden_size: int, intermediate_size: int,
+                        num_experts: int) -> dict[str, LoraTarget]:
+    """The 3-D LoRA targets of `FusedExperts`, named as `expert_param_slice` reads them."""
+    h, i, e = hidden_size, intermediate_size, num_experts
+    return {"experts.gate_proj": LoraTarget(i, h, e), "experts.up_proj": LoraTarget(i, h, e),
+            "experts.down_proj": LoraTarget(h, i, e)}
+
+
+class FusedExperts(nn.Module):
+    """E gated MLPs of width I over hidden size H, their weights fused per projection."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: Activation = silu_and_mul, bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.activation = activation
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))     # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))            # [E, H, I]
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if bias else None
+        self._packed = {"gate_up_proj": PackedWeight(), "down_proj": PackedWeight()}
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor,
+                experts: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; weights, experts: [T, k] (token t goes to experts[t, j] with
+        weights[t, j]) -> [T, H]."""
+        num_tokens, top_k = experts.shape
+        # Group the T * k (token, choice) pairs by expert: pair p = t * k + j.
+        order = experts.flatten().argsort(stable=True)                 # [T*k] pairs by expert
+        counts = torch.bincount(experts.flatten(), minlength=self.num_experts).tolist()
+        grouped = x.index_select(0, order // top_k)                    # [T*k, H] their tokens
+        out = torch.empty_like(grouped)                                # [T*k, H]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                out[rows] = self.expert_forward(expert, grouped[rows])
+                start += count
+        # Back to (token, choice) order, then each token's weighted sum over its k choices.
+        # A sum in a fixed order rather than index_add_: atomics on CUDA would make the
+        # result differ from run to run. (A gather by the inverse permutation: on the CPU
+        # index_select is 8x faster than the equivalent index_copy_ scatter.)
+        unsorted = out.index_select(0, order.argsort())                # [T*k, H]
+        mixed = torch.bmm(weights.to(x.dtype).unsqueeze(1),           # [T, 1, k]
+                          unsorted.view(num_tokens, top_k, x.shape[-1]))  # [T, k, H]
+        return mixed.squeeze(1)                                         # [T, H]
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert over its n tokens: x [n, H] -> [n, H]."""
+        gate_up = self._product(x, "gate_up_proj", expert)                  # [n, 2I]
+        return self._product(self.activation(gate_up), "down_proj", expert)  # [n, I] -> [n, H]
+
+    def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through
+        oneDNN with each expert's matrix packed once, as engine.layers.linear does."""
+        weight, bias = getattr(self, name), getattr(self, name + "_bias")
+        bias = None if bias is None else bias[expert]
+        if uses_onednn(x):
+            return onednn_linear(x, self._packed[name](weight)[expert], bias)
+        return F.linear(x, weight[expert], bias)
+
+
+class SparseMoE(nn.Module):
+    """The router (`gate`, a linear layer H -> E) and the experts, as one feed-forward block."""
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
+                 router: Router, activation: Activation = silu_and_mul,
+                 router_bias: bool = False, expert_bias: bool = False) -> None:
+        super().__init__()
+        self.gate = Linear(hidden_size, num_experts, bias=router_bias)
+        self.router = router
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, activation,
+                                    expert_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        weights, experts = self.router(self.gate(x))                    # [T, k] each
+        return self.experts(x, weights, experts)
