@@ -50,14 +50,23 @@ def moe_config():
 
 def hybrid_configs() -> dict:
     """name -> transformers config of a Qwen3.5 model: three linear-attention layers, then
-    one gated-attention layer, with the hub's multimodal rotary sections."""
-    from transformers import Qwen3_5Config, Qwen3_5TextConfig
+    one gated-attention layer, with the hub's multimodal rotary sections; dense and MoE
+    (4 experts, top 2, and a shared expert), text and vision-language layouts."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeTextConfig,
+        Qwen3_5TextConfig,
+    )
 
     text = _common(head_dim=32, num_hidden_layers=4, linear_num_key_heads=2,
                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                     "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
                                     "mrope_interleaved": True})
+    moe = {**{k: v for k, v in text.items() if k != "intermediate_size"}, "num_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 48}
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=4, num_position_embeddings=16)
     return {
@@ -65,6 +74,8 @@ def hybrid_configs() -> dict:
         # The vision-language model ties by its own flag; the hub sets the text one alike.
         "qwen3_5-vl-tied": Qwen3_5Config(text_config=dict(text, tie_word_embeddings=True),
                                          vision_config=vision, tie_word_embeddings=True),
+        "qwen3_5_moe-text": Qwen3_5MoeTextConfig(**moe, tie_word_embeddings=False),
+        "qwen3_5_moe-vl": Qwen3_5MoeConfig(text_config=moe, vision_config=vision),
     }
 
 

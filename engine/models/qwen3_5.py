@@ -86,7 +86,10 @@ class Qwen3_5Config(ModelConfig):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3_5Config, index: int) -> None:
+    """A token mixer (Gated DeltaNet or gated attention, by `layer_types`), then the
+    feed-forward block `mlp` (a dense MLP, or experts), each residual."""
+
+    def __init__(self, cfg: Qwen3_5Config, index: int, mlp: nn.Module) -> None:
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.is_linear = index in cfg.linear_attention.layers
@@ -97,7 +100,7 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(h, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                             cfg.rotary_dim, eps, bias=cfg.qkv_bias)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(h, eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
     def forward(self, x, rope, cache, meta):
         """cache: a LinearAttentionState for a linear-attention layer, else the KV cache."""
@@ -116,12 +119,18 @@ class Qwen3_5ForCausalLM(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i))
+                                    for i in range(cfg.num_layers))
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+
+    @staticmethod
+    def make_mlp(cfg: Qwen3_5Config, layer: int) -> nn.Module:
+        """Layer `layer`'s feed-forward block (the MoE variant overrides this)."""
+        return MLP(cfg)
 
     @staticmethod
     def layer_lora_targets(cfg: Qwen3_5Config, layer: int) -> dict[str, LoraTarget]:

@@ -1,5 +1,6 @@
-"""LoRA on Qwen3.5: PEFT's adapters over every projection, and the training service's
-split in_proj_q / in_proj_k / in_proj_v factors against a merge done by hand."""
+"""LoRA on Qwen3.5: PEFT's adapters over every projection, the training service's split
+in_proj_q / in_proj_k / in_proj_v factors against a merge done by hand, and on the MoE
+variant its 3-D expert factors, the shared expert, its gate and the router."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ from engine.checkpoints.errors import CheckpointInvalid
 from engine.checkpoints.merge import LoraManager
 from engine.models.registry import load_model_config
 from tests.engine.checkpoints.helpers import (
+    assert_same_model_outputs,
     engine_logprobs_fn,
     load_engine_model,
     peft_logprobs_fn,
     save_peft_adapter,
     write_adapter,
 )
-from tests.engine.checkpoints.test_adapter import assert_same_model_outputs
+from tests.engine.checkpoints.test_expert_adapter import (
+    TYPICAL,
+    expert_factors,
+    hand_merged_transformers,
+    linear_factors,
+)
 from tests.engine.models.parity import load_transformers_model
 
 EVERY_PROJECTION = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj",
@@ -26,11 +33,13 @@ RANK, ALPHA = 4, 8
 LINEAR_LAYERS = (0, 1, 2)          # the tiny models' layer 3 is full attention
 
 
-@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied"])
+@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied", "qwen3_5_moe-text"])
 def test_peft_adapter_on_every_projection_matches_peft(family, hybrid_model_dirs, tmp_path):
     model_dir = hybrid_model_dirs[family]
+    # On the MoE model gate/up/down_proj are the shared expert's (the experts are 3-D tensors).
+    targets = EVERY_PROJECTION + (["shared_expert_gate"] if "moe" in family else [])
     adapter = save_peft_adapter(model_dir, tmp_path / "adapter", r=RANK, lora_alpha=ALPHA,
-                                targets=EVERY_PROJECTION)
+                                targets=targets)
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
     assert_same_model_outputs(engine_logprobs_fn(model), peft_logprobs_fn(model_dir, adapter))
@@ -100,6 +109,31 @@ def test_vision_language_module_names_merge_like_the_text_models(hybrid_model_di
     manager.activate(nested)
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, merged[name]), name
+
+
+def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_merge(
+        hybrid_model_dirs, tmp_path):
+    model_dir = hybrid_model_dirs["qwen3_5_moe-text"]
+    cfg, g = load_model_config(model_dir), torch.Generator().manual_seed(4)
+    h, shared, spec = cfg.hidden_size, cfg.intermediate_size, cfg.linear_attention
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        mlp = f"model.layers.{layer}.mlp"
+        tensors |= expert_factors(cfg, layer, TYPICAL, RANK, g)
+        tensors |= linear_factors(f"{mlp}.gate", cfg.num_experts, h, RANK, g)          # router
+        tensors |= linear_factors(f"{mlp}.shared_expert_gate", 1, h, RANK, g)
+        for name, out_dim, in_dim in (("gate_proj", shared, h), ("up_proj", shared, h),
+                                      ("down_proj", h, shared)):
+            tensors |= linear_factors(f"{mlp}.shared_expert.{name}", out_dim, in_dim, RANK, g)
+    tensors |= linear_factors("model.layers.0.linear_attn.in_proj_z", spec.value_dim, h, RANK, g)
+    tensors |= linear_factors("model.layers.1.linear_attn.out_proj", h, spec.value_dim, RANK, g)
+    tensors |= linear_factors("model.layers.3.self_attn.o_proj", h, cfg.q_size, RANK, g)
+    tensors |= linear_factors("model.unembed_tokens", cfg.vocab_size, h, RANK, g)
+    adapter = write_adapter(tmp_path / "moe", tensors, {"r": RANK, "lora_alpha": ALPHA})
+    model = load_engine_model(model_dir)
+    LoraManager(model).activate(adapter)
+    assert_same_model_outputs(engine_logprobs_fn(model),
+                              hand_merged_transformers(model_dir, adapter))
 
 
 @pytest.mark.parametrize("module, rows, message", [

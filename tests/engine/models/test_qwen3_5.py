@@ -1,5 +1,5 @@
-"""Qwen3.5 (hybrid Gated DeltaNet + gated attention) against transformers: greedy tokens
-exactly, logprobs within 1e-4 (float32), text and vision-language checkpoint layouts.
+"""Qwen3.5 (hybrid Gated DeltaNet + gated attention), dense and MoE, against transformers:
+greedy tokens exactly, logprobs within 1e-4 (float32), text and vision-language layouts.
 
 Every cache layout of parity.py is covered (preemption: states are recomputed from
 scratch; chunked prefill: states carried from chunk to chunk), and fewer state slots
@@ -20,6 +20,7 @@ from tests.engine.models.parity import (
     assert_engine_matches,
     transformers_outputs,
 )
+from tests.tiny_models import save_state_dict_copy
 
 NEW_TOKENS = 24
 # Lengths 3, 22, 21, 1 (a one-token prompt starts as a decode) and 70 (over one chunk of
@@ -31,25 +32,34 @@ LAYOUTS = {**ENGINE_LAYOUTS,
 
 
 @pytest.fixture(scope="module")
-def model_dirs(hybrid_model_dirs):
-    """The tiny models; the vision-language one also carries an MTP head to be skipped."""
+def model_dirs(hybrid_model_dirs, tmp_path_factory):
+    """The tiny models; the vision-language one also carries an MTP head to be skipped, and
+    the MoE text model comes again with its experts fused (`experts.gate_up_proj`)."""
     vl_file = hybrid_model_dirs["qwen3_5-vl-tied"] / "model.safetensors"
     tensors = load_file(vl_file)
     tensors["mtp.fc.weight"] = torch.full((64, 128), float("nan"))
     save_file(tensors, vl_file, metadata={"format": "pt"})
-    return hybrid_model_dirs
+    fused = save_state_dict_copy(hybrid_model_dirs["qwen3_5_moe-text"],
+                                 tmp_path_factory.mktemp("fused") / "qwen3_5_moe-text-fused")
+    return {**hybrid_model_dirs, "qwen3_5_moe-text-fused": fused}
 
 
 @pytest.fixture(scope="module")
 def oracle(model_dirs):
     return {name: transformers_outputs(path, PROMPTS, NEW_TOKENS)
-            for name, path in model_dirs.items()}
+            for name, path in model_dirs.items() if not name.endswith("-fused")}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied"])
+@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied", "qwen3_5_moe-text",
+                                    "qwen3_5_moe-vl"])
 def test_greedy_tokens_and_logprobs_match_transformers(family, layout, model_dirs, oracle):
     assert_engine_matches(model_dirs[family], layout, oracle[family], LAYOUTS, PROMPTS)
+
+
+def test_fused_expert_weights_load_to_the_same_outputs(model_dirs, oracle):
+    assert_engine_matches(model_dirs["qwen3_5_moe-text-fused"], "block4",
+                          oracle["qwen3_5_moe-text"], LAYOUTS, PROMPTS)
 
 
 def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(model_dirs,
