@@ -143,6 +143,16 @@ def assert_switching_a_b_a_then_base_is_bit_exact(model, a: Path, b: Path,
     assert torch.equal(forward(prompt), base_out)
 
 
+def assert_merged_alike(model, a: Path, b: Path) -> None:
+    """Adapters `a` and `b` (two layouts of the same factors) merge into bit-identical weights."""
+    manager = LoraManager(model)
+    manager.activate(a)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    manager.activate(b)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, merged[name]), name
+
+
 def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
                   complete: bool = True) -> Path:
     """An adapter written by hand (for layouts and damage PEFT would not produce)."""

@@ -12,6 +12,7 @@ from engine.checkpoints.errors import CheckpointInvalid
 from engine.checkpoints.merge import LoraManager
 from engine.models.registry import load_model_config
 from tests.engine.checkpoints.helpers import (
+    assert_merged_alike,
     assert_same_model_outputs,
     engine_logprobs_fn,
     load_engine_model,
@@ -102,13 +103,7 @@ def test_vision_language_module_names_merge_like_the_text_models(hybrid_model_di
     text = write_adapter(tmp_path / "text", split_qkv_factors(model_dir), config)
     nested = write_adapter(tmp_path / "nested",
                            split_qkv_factors(model_dir, prefix="model.language_model."), config)
-    model = load_engine_model(model_dir)
-    manager = LoraManager(model)
-    manager.activate(text)
-    merged = {k: v.clone() for k, v in model.state_dict().items()}
-    manager.activate(nested)
-    for name, weight in model.state_dict().items():
-        assert torch.equal(weight, merged[name]), name
+    assert_merged_alike(load_engine_model(model_dir), text, nested)
 
 
 def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_merge(
