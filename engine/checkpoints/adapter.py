@@ -10,6 +10,7 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
 - PEFT: `base_model.model.<m>.lora_A.weight`; the input embedding as
   `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
 - the training service: the output head as `model.unembed_tokens` (means `lm_head`),
+  a layer's attention as `<layer>.attn` in gpt-oss adapters (means `self_attn`),
   the input embedding with plain `lora_A.weight` / `lora_B.weight`, the experts of
   a MoE layer as 3-D factors `<layer>.mlp.experts.w1` (gate_proj), `w3` (up_proj) and
   `w2` (down_proj): A [E or 1, r, in] and B [E or 1, out, r], where a leading 1 is one
@@ -18,8 +19,8 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
   `in_proj_qkv` (the model's `param_slice` places them);
 - a vision-language model's text modules as `model.language_model.<...>`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
-delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, a linear layer hidden -> E)
-merges like any other linear module.
+delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`: a linear
+layer hidden -> E) merges like any other linear module.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
 # The training service's names for the expert projections of a MoE layer.
 EXPERT_MODULES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _EXPERT_MODULE = re.compile(r"\.experts\.(w[123])$")
+# ... and for a layer's attention in gpt-oss adapters (`model.layers.3.attn.q_proj`).
+_ATTENTION_ALIAS = re.compile(r"^(model\.layers\.\d+)\.attn\.")
 # A vision-language checkpoint (Qwen3.5) nests the text model: PEFT over it names
 # `model.language_model.layers...` what the text model calls `model.layers...`.
 LANGUAGE_MODEL_PREFIX = re.compile(r"^model\.language_model\.")
@@ -180,6 +183,7 @@ def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) 
     served = LANGUAGE_MODEL_PREFIX.sub("model.", name)
     served = MODULE_ALIASES.get(served, served)
     served = _EXPERT_MODULE.sub(lambda m: f".experts.{EXPERT_MODULES[m[1]]}", served)
+    served = _ATTENTION_ALIAS.sub(r"\1.self_attn.", served)
     if served in targets:
         return served
     match = _LAYER.match(served)

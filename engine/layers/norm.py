@@ -1,11 +1,13 @@
-"""RMSNorm and its Qwen3.5 variants, computed in float32 as transformers does, then cast back.
+"""RMSNorm and its variants, computed in float32 as transformers does, then cast back.
 
-- `RMSNorm`: Llama's, `weight * normed(x)` (the product in the input's dtype).
-- `ZeroCenteredRMSNorm`: Qwen3.5's, `normed(x) * (1 + weight)`, the product in float32
-  (its weights are stored around 0, so a zero weight is the identity).
-- `GatedRMSNorm`: the output norm of Qwen3.5's linear attention, `weight * normed(x)`
-  gated by `silu(z)` in float32.
-- `l2_normalize`: the q/k normalisation of linear attention.
+Families differ in where the cast back happens: Llama casts the normalized input back to
+the model's dtype and then multiplies by the weight (two roundings in half precision);
+gpt-oss multiplies in float32 and casts the product (one rounding). Qwen3.5 has two more:
+- `ZeroCenteredRMSNorm`: `normed(x) * (1 + weight)` in float32 (its weights are stored
+  around 0, so a zero weight is the identity);
+- `GatedRMSNorm`, the output norm of its linear attention: Llama's, then gated by
+  `silu(z)` in float32;
+and `l2_normalize` is the q/k normalisation of linear attention.
 """
 
 from __future__ import annotations
@@ -15,12 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dimension, in float32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -28,29 +24,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * _normed(x, self.eps).to(x.dtype)
+        return self.weight * self._normalized(x).to(x.dtype)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), in float32."""
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
-class ZeroCenteredRMSNorm(nn.Module):
+class Float32WeightRMSNorm(RMSNorm):
+    """gpt-oss's RMSNorm: the weight applies in float32, before the cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight.float() * self._normalized(x)).to(x.dtype)
+
+
+class ZeroCenteredRMSNorm(RMSNorm):
     def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
+        super().__init__(dim, eps)
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (_normed(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        return (self._normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GatedRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
+class GatedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x, z: [..., dim] -> weight * normed(x) * silu(z), in x's dtype."""
-        normed = self.weight * _normed(x, self.eps).to(x.dtype)
-        return (normed * F.silu(z.float())).to(x.dtype)
+        return (super().forward(x) * F.silu(z.float())).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -55,6 +55,12 @@ class CausalLM(nn.Module):
         """Layer `layer`'s adaptable modules, by their name inside the layer."""
         raise NotImplementedError
 
+    @staticmethod
+    def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor in the layout of the parameter it fills: as it is here
+        (a family whose checkpoints lay a weight out otherwise overrides this)."""
+        return tensor
+
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
+from engine.models.gpt_oss import GptOssForCausalLM
 from engine.models.llama import LlamaForCausalLM
 from engine.models.qwen3_5 import Qwen3_5ForCausalLM
 from engine.models.qwen3_5_moe import Qwen3_5MoeForCausalLM
@@ -25,6 +26,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
     "qwen3_5_text": Qwen3_5ForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,        # the hub's vision-language layout; text only here
     "qwen3_5_moe_text": Qwen3_5MoeForCausalLM,
