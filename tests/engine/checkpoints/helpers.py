@@ -50,6 +50,17 @@ def save_peft_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, lora_alpha:
     return out_dir
 
 
+def save_nan_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A complete PEFT adapter one of whose factors holds a NaN: its headers pass the
+    checks made when it is named, and only loading its tensors finds it broken."""
+    save_peft_adapter(model_dir, out_dir, r=2)
+    weights = out_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    save_file(tensors, weights)
+    return out_dir
+
+
 def peft_logprobs_fn(model_dir: Path, adapter_dir: Path | None) -> LogprobsFn:
     """transformers + PEFT (unmerged, as PEFT reads the adapter from disk)."""
     from peft import PeftModel
