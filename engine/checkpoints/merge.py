@@ -69,10 +69,13 @@ class AdapterCache:
 
 class LoraManager:
     def __init__(self, model: nn.Module, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
-                 backup_device: str | torch.device | None = None) -> None:
+                 backup_device: str | torch.device | None = None, keep_base: bool = True) -> None:
         """`cache_bytes` bounds the cached adapter factors (float32 on the model's device);
-        `backup_device` holds the exact base copies (default: the model's device)."""
+        `backup_device` holds the exact base copies (default: the model's device).
+        `keep_base=False` merges one adapter for good (an export): no base copies, no
+        second `activate`."""
         self.model = model
+        self.keep_base = keep_base
         self.cache = AdapterCache(cache_bytes)
         self.allow_pickle = allow_pickle
         self._device = model.embed_tokens.weight.device
@@ -99,6 +102,8 @@ class LoraManager:
         Raises CheckpointInvalid if the adapter cannot be read; the model is then unchanged.
         """
         key = None if checkpoint_dir is None else _adapter_key(Path(checkpoint_dir))
+        if not self.keep_base and self._active is not None:
+            raise RuntimeError("this LoraManager keeps no base copies: it merges once")
         if key == self._active or (key is not None and key[1:] == _MISSING and key[0] == self.active):
             return   # unchanged; or deleted while in use: finish its requests with what is merged
         targets = self._targets(None if key is None else self._load(key))
@@ -152,7 +157,10 @@ class LoraManager:
 
     def _base_copy(self, name: str) -> torch.Tensor:
         # A weight is copied before it is first modified, so the live weight is still base.
-        # A tied head's base is the embedding's.
+        # A tied head's base is the embedding's. Without copies, the base is the live weight
+        # itself, merged in place (an untied head is already its own copy).
+        if not self.keep_base:
+            return self.model.get_parameter(name).detach()
         source = EMBED if self._tied and name == LM_HEAD else name
         if source not in self._base:
             weight = self.model.get_parameter(source).detach()

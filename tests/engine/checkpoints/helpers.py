@@ -7,7 +7,9 @@ directory into the engine's model through LoraManager.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +115,20 @@ def hand_merged_transformers(model_dir: Path, adapter_dir: Path,
 def expert_delta(a: torch.Tensor, b: torch.Tensor, expert: int) -> torch.Tensor:
     """Expert e's `B[e] @ A[e]` ([out, in]) from 3-D factors, a leading 1 serving every expert."""
     return b[expert if len(b) > 1 else 0] @ a[expert if len(a) > 1 else 0]
+
+
+def add_qwen3_moe_expert_delta(experts, w: str, a, b, scale: float) -> None:
+    """transformers' Qwen3-MoE experts: gate_up_proj [E, 2I, H] (gate rows, then up rows)."""
+    width = experts.gate_up_proj.shape[1] // 2
+    fused, rows = {"w1": (experts.gate_up_proj, slice(0, width)),
+                   "w3": (experts.gate_up_proj, slice(width, 2 * width)),
+                   "w2": (experts.down_proj, slice(None))}[w]
+    for e in range(fused.shape[0]):
+        fused[e, rows] += scale * expert_delta(a, b, e)
+
+
+def hand_merged_qwen3_moe(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
+    return hand_merged_transformers(model_dir, adapter_dir, add_qwen3_moe_expert_delta)
 
 
 def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
@@ -225,3 +241,18 @@ def to_training_service_layout(peft_dir: Path, out_dir: Path) -> Path:
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     config["target_modules"] = ["unembed_tokens" if t == "lm_head" else t for t in config["target_modules"]]
     return write_adapter(out_dir, renamed, config)
+
+
+def pack_archive(checkpoint_dir: Path, archive: Path,
+                 extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
+    """A checkpoint as the service's archive URL hands it out: one uncompressed tar with
+    the checkpoint's files at its top level, then any `extra` (member, data) pairs."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted(checkpoint_dir.iterdir()):
+            tar.add(file, arcname=file.name)
+        for member, data in extra:
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    return archive
