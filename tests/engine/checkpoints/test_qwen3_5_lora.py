@@ -15,6 +15,7 @@ from tests.engine.checkpoints.helpers import (
     assert_merged_alike,
     assert_same_model_outputs,
     engine_logprobs_fn,
+    hand_merged_qwen3_moe,
     load_engine_model,
     peft_logprobs_fn,
     save_peft_adapter,
@@ -23,7 +24,6 @@ from tests.engine.checkpoints.helpers import (
 from tests.engine.checkpoints.test_expert_adapter import (
     TYPICAL,
     expert_factors,
-    hand_merged,
     linear_factors,
 )
 from tests.engine.models.parity import load_transformers_model
@@ -128,7 +128,7 @@ def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_m
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
     # transformers holds Qwen3.5-MoE's experts as Qwen3-MoE's: the same hand merge
-    assert_same_model_outputs(engine_logprobs_fn(model), hand_merged(model_dir, adapter))
+    assert_same_model_outputs(engine_logprobs_fn(model), hand_merged_qwen3_moe(model_dir, adapter))
 
 
 @pytest.mark.parametrize("module, rows, message", [
