@@ -25,12 +25,13 @@ from engine.checkpoints.errors import CheckpointError
 from engine.checkpoints.merge import LoraManager
 from engine.config import EngineConfig
 from engine.messages import AbortRequest, AddRequest, Shutdown, StepOutputs
-from engine.model_runner import ModelRunner, kv_cache_block_bytes
+from engine.model_runner import ModelRunner, cache_capacity
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
 from engine.outputs import EngineStats, ErrorKind, RequestOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SequenceUpdate
 from engine.sequence import Sequence
+from engine.state_slots import StateSlotAllocator
 from engine.text.pipeline import TextPipeline
 from engine.text.tokenizer import Tokenizer
 
@@ -51,20 +52,19 @@ class EngineCore:
         cfg = load_model_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
-        num_blocks = ecfg.num_kv_blocks or (
-            ecfg.kv_cache_bytes() // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
-        if num_blocks < 1:
-            raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
-                             "or give kv_cache_memory / num_kv_blocks")
+        num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings, num_blocks * ecfg.block_size)
-        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
+        # A cached block cannot restore a linear-attention state: no prefix caching there.
+        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
+                                          and cfg.linear_attention is None)
+        self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens, eos_token_ids=cfg.eos_token_ids,
-                                   max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
+                                   max_model_len=self.max_model_len, state_slots=self.state_slots)
+        self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
         # Exact base copies live in host memory: the KV cache already took the GPU's spare.
         self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
         self._samples: dict[str, _Sample] = {}
@@ -73,10 +73,11 @@ class EngineCore:
         self._last_stats: EngineStats | None = None
 
     def stats(self) -> EngineStats:
-        s, bm = self.scheduler, self.block_manager
+        s, bm, slots = self.scheduler, self.block_manager, self.state_slots
         return EngineStats(len(s.running), s.num_waiting, bm.num_free_blocks, bm.num_total_blocks,
                            s.num_preemptions, s.num_prefix_cached_tokens,
-                           s.num_computed_prompt_tokens)
+                           s.num_computed_prompt_tokens, slots.num_free_slots,
+                           slots.num_total_slots)
 
     def run(self, inbox: queue.SimpleQueue, emit: Callable[[StepOutputs], None]) -> None:
         """The loop, until a Shutdown message. Each turn emits what it produced."""

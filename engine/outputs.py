@@ -37,6 +37,8 @@ class EngineStats:
     num_preemptions: int              # since start
     num_prefix_cached_tokens: int     # since start
     num_computed_prompt_tokens: int   # since start: prompt positions run through the model
+    num_free_state_slots: int = 0     # models with linear-attention layers
+    num_total_state_slots: int = 0
 
 
 @dataclass

@@ -25,9 +25,13 @@ of long ones; each prefill chunk is a group of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.layers.linear_attention import StateSlotMetadata
 
 
 @dataclass
@@ -73,6 +77,7 @@ class AttentionMetadata:
     query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
     num_decodes: int             # the first num_decodes sequences have query_len 1
     block_size: int
+    state_slots: StateSlotMetadata | None = None   # models with linear-attention layers
 
     def __post_init__(self) -> None:
         lens = self.context_lens

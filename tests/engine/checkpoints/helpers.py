@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoints.merge import LoraManager
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear_attention import StateSlotMetadata
 from engine.model_runner import allocate_kv_caches
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model
@@ -135,18 +136,22 @@ def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
 
 
 def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> LogprobsFn:
-    """Our model on one sequence prefilled at once into fresh zero KV caches."""
+    """Our model on one sequence prefilled at once into fresh zero KV caches (and, for a
+    hybrid model, a fresh state slot)."""
     cfg = model.cfg
     dtype = model.embed_tokens.weight.dtype
+    has_state = cfg.linear_attention is not None
 
     @torch.inference_mode()
     def logprobs(ids: list[int]) -> torch.Tensor:
         n = len(ids)
         num_blocks = -(-n // block_size)
-        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu")
+        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu",
+                                    num_state_slots=1)
+        state_slots = StateSlotMetadata.build([0], [True], 0, "cpu") if has_state else None
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
                                  context_lens=[n], query_lens=[n], num_decodes=0,
-                                 block_size=block_size)
+                                 block_size=block_size, state_slots=state_slots)
         hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
         return torch.log_softmax(model.compute_logits(hidden), dim=-1)
     return logprobs
@@ -201,6 +206,16 @@ def assert_switching_a_b_a_then_base_is_bit_exact(model, a: Path, b: Path,
     manager.activate(None)
     assert_bit_identical(weights(model), base_weights)
     assert torch.equal(forward(prompt), base_out)
+
+
+def assert_merged_alike(model, a: Path, b: Path) -> None:
+    """Adapters `a` and `b` (two layouts of the same factors) merge into bit-identical weights."""
+    manager = LoraManager(model)
+    manager.activate(a)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    manager.activate(b)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, merged[name]), name
 
 
 def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,

@@ -139,6 +139,18 @@ def test_exporting_a_base_writes_its_hub_tensors_back_bit_for_bit(tiny_model_dir
     assert config["pokeserve_export"] == {"checkpoint": None, "untied_lm_head": False}
 
 
+@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied", "qwen3_5_moe-text"])
+def test_exporting_a_qwen3_5_base_writes_its_hub_tensors_back_bit_for_bit(hybrid_model_dirs,
+                                                                         tmp_path, family):
+    # in_proj_qkv stays fused (it is in the hub); the vision tower is copied through.
+    base = hybrid_model_dirs[family]
+    out = export_checkpoint(None, tmp_path / "out", model_dir=base, progress=False)
+    original, written = hub_tensors(base), hub_tensors(out)
+    assert written.keys() == original.keys()
+    for name in original:
+        assert torch.equal(written[name], original[name]), name
+
+
 def test_a_base_without_its_own_template_keeps_the_bases(base, tmp_path):
     from transformers import AutoTokenizer
 
