@@ -184,16 +184,17 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """SDPA's math written out, plus the sinks, for q: [S, Q, H, D], k and v: [KVH, S, L, D]
     and mask: [S, 1, Q, L] -> [S, Q, H, D].
 
-    As in transformers' eager attention, the scores stay in q's dtype and the softmax
-    accumulates in float32."""
+    Scores and softmax in float32, as SDPA keeps them (transformers' eager attention keeps
+    half-precision scores, which cost a decode up to 1e-3 against the same position
+    computed by the prefill path); the probabilities meet v in v's dtype, as in SDPA."""
     num_seqs, num_queries, num_heads, head_dim = q.shape
     kv_heads = k.shape[0]
     group = num_heads // kv_heads
     # Query heads grouped by the kv head they share (head h uses kv head h // G), each
     # group's queries side by side so one matmul per kv head serves them: [KVH, S, G * Q, D]
-    q = (q * scale).view(num_seqs, num_queries, kv_heads, group, head_dim)
+    q = (q.float() * scale).view(num_seqs, num_queries, kv_heads, group, head_dim)
     q = q.permute(2, 0, 3, 1, 4).reshape(kv_heads, num_seqs, group * num_queries, head_dim)
-    scores = (q @ k.transpose(-1, -2)).view(kv_heads, num_seqs, group, num_queries, -1)
+    scores = (q @ k.float().transpose(-1, -2)).view(kv_heads, num_seqs, group, num_queries, -1)
     scores.masked_fill_(~mask[None], float("-inf"))                    # mask: [1, S, 1, Q, L]
     if sinks is None:
         probs = scores.softmax(dim=-1)
@@ -202,6 +203,6 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         sink = sinks.to(scores.dtype).view(kv_heads, 1, group, 1, 1)
         sink = sink.expand(kv_heads, num_seqs, group, num_queries, 1)
         probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
-    out = probs.view(kv_heads, num_seqs, group * num_queries, -1) @ v      # [KVH, S, G * Q, D]
+    out = probs.to(v.dtype).view(kv_heads, num_seqs, group * num_queries, -1) @ v  # [KVH, S, G*Q, D]
     out = out.view(kv_heads, num_seqs, group, num_queries, head_dim).permute(1, 3, 0, 2, 4)
     return out.reshape(num_seqs, num_queries, num_heads, head_dim)
