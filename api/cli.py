@@ -55,7 +55,8 @@ def _load_engine(args: argparse.Namespace):
                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.enable_prefix_caching,
-                   checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks)
+                   checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks,
+                   batch_invariant=args.batch_invariant)
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
     options["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -91,6 +92,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="tokens per step (prefill chunks and decodes)")
+    serve.add_argument("--batch-invariant", action="store_true",
+                       help="a request's tokens and logprobs do not depend, bit for bit, on "
+                            "the requests it shares steps with (slower: see BENCHMARKS.md)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse KV blocks of identical prompt prefixes")
     serve.add_argument("--reasoning-parser", choices=sorted(REASONING_FORMATS), default=None,

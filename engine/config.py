@@ -157,6 +157,9 @@ class EngineConfig:
     sampler_backend: str = "auto"           # "auto" | "triton" | "torch"
     checkpoint_root: str | None = None
     lora_cache_memory: int = 1 << 30        # bytes of adapter tensors kept for fast switching
+    # A token's results depend on its own sequence only, bit for bit, whatever shares its
+    # steps (engine.layers.batch_invariant; what it costs: BENCHMARKS.md).
+    batch_invariant: bool = False
 
     def kv_cache_bytes(self) -> int:
         """The KV cache's budget in bytes (call once the model's weights are loaded)."""

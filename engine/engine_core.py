@@ -51,7 +51,8 @@ class EngineCore:
         self.config = ecfg = config
         cfg = load_model_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
-        model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
+        model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress,
+                           batch_invariant=ecfg.batch_invariant)
         num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.

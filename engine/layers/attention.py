@@ -19,7 +19,9 @@ path (transformers runs gpt-oss without SDPA too).
 
 Attention runs per *group*: decodes (one query each) are batched into at most two
 groups of similar context length, so that short sequences do not gather the padding
-of long ones; each prefill chunk is a group of its own.
+of long ones; each prefill chunk is a group of its own. In the batch-invariant mode
+(engine.layers.batch_invariant) every group goes through
+kernels.invariant_attention_ref, whose result for a query does not depend on its group.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from kernels.invariant_attention_ref import invariant_attention
 
 if TYPE_CHECKING:
     from engine.layers.linear_attention import StateSlotMetadata
@@ -139,14 +143,22 @@ def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tenso
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sinks: torch.Tensor | None = None,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, batch_invariant: bool = False) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] (a view is fine) -> a new tensor of that shape.
 
     sinks: [num_heads], one extra logit per head (gpt-oss); window: a sliding-window
     layer's span in tokens (None: full attention)."""
-    outs = [_attend(q[g.rows].view(g.num_seqs, g.num_queries, *q.shape[1:]), kv_cache, g, scale,
-                    sinks, window).reshape(-1, *q.shape[1:]) for g in meta.groups]
+    attend = _attend_invariant if batch_invariant else _attend
+    outs = [attend(q[g.rows].view(g.num_seqs, g.num_queries, *q.shape[1:]), kv_cache, g, scale,
+                   sinks, window).reshape(-1, *q.shape[1:]) for g in meta.groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _attend_invariant(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup,
+                      scale: float, sinks: torch.Tensor | None,
+                      window: int | None) -> torch.Tensor:
+    return invariant_attention(q, kv_cache, group.block_tables, group.context_lens, scale,
+                               sinks, window)
 
 
 def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, scale: float,
@@ -203,6 +215,6 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         sink = sinks.to(scores.dtype).view(kv_heads, 1, group, 1, 1)
         sink = sink.expand(kv_heads, num_seqs, group, num_queries, 1)
         probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
-    out = probs.to(v.dtype).view(kv_heads, num_seqs, group * num_queries, -1) @ v  # [KVH, S, G*Q, D]
+    out = probs.to(v.dtype).view(kv_heads, num_seqs, group * num_queries, -1) @ v  # [.., G*Q, D]
     out = out.view(kv_heads, num_seqs, group, num_queries, head_dim).permute(1, 3, 0, 2, 4)
     return out.reshape(num_seqs, num_queries, num_heads, head_dim)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.layers.activation import silu
+
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
                   state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,13 +23,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
     when n < K - 1)."""
     window = torch.cat((state.to(x.dtype), x.T), dim=1)                # [C, K - 1 + n]
     out = F.conv1d(window[None], weight[:, None], groups=weight.shape[0])[0]      # [C, n]
-    return F.silu(out).T, window[:, window.shape[1] - state.shape[1]:]
+    return silu(out).T, window[:, window.shape[1] - state.shape[1]:]
 
 
-def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor,
-                       states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor,
+                       batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One token for each of B sequences.
 
     x: [B, C]; weight: [C, K]; states: [B, C, K - 1] -> output [B, C], new states [B, C, K - 1]."""
     window = torch.cat((states.to(x.dtype), x[:, :, None]), dim=2)    # [B, C, K]
-    return F.silu((window * weight).sum(-1)), window[:, :, 1:]
+    return silu((window * weight).sum(-1), batch_invariant), window[:, :, 1:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers.activation import sigmoid
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
 from engine.layers.linear import Linear
 from engine.layers.norm import ZeroCenteredRMSNorm
@@ -23,6 +24,8 @@ from engine.layers.rotary import apply_rotary_
 
 
 class GatedAttention(nn.Module):
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rotary_dim: int, eps: float, bias: bool = False) -> None:
         super().__init__()
@@ -47,5 +50,7 @@ class GatedAttention(nn.Module):
         apply_rotary_(q[..., :self.rotary_dim], *rope)
         apply_rotary_(k[..., :self.rotary_dim], *rope)
         store_kv(kv_cache, torch.cat((k, kv[:, kvh:]), dim=1), meta.slot_mapping)
-        out = paged_attention(q, kv_cache, meta, self.scale)              # [T, H, D]
-        return self.o_proj((out * query_gate[..., d:].sigmoid()).flatten(1))
+        out = paged_attention(q, kv_cache, meta, self.scale,              # [T, H, D]
+                              batch_invariant=self.batch_invariant)
+        gate = sigmoid(query_gate[..., d:], self.batch_invariant)         # [T, H, D]
+        return self.o_proj((out * gate).flatten(1))

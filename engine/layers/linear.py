@@ -11,6 +11,9 @@ for CPU linear layers. The packed copy costs a second copy of the weights in hos
 the dense weight stays the one that loading and LoRA merges write, and a change to it (a
 new tensor, or its version counter moved) repacks it before the next product.
 `PackedWeight` is that rule, for this layer and for the experts of engine.layers.moe.
+
+In the batch-invariant mode (engine.layers.batch_invariant) the product runs over fixed
+tiles of rows, so that its kernel never sees a batch-dependent shape.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.layers.batch_invariant import tiled_rows
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -57,8 +62,13 @@ class PackedWeight:
 
 class Linear(nn.Linear):
     _packed: PackedWeight | None = None     # made at the first product on oneDNN
+    batch_invariant = False                 # set by engine.layers.batch_invariant.enable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [n, in] -> [n, out]."""
+        return tiled_rows(self._product, x) if self.batch_invariant else self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if uses_onednn(x):
             if self._packed is None:
                 self._packed = PackedWeight()

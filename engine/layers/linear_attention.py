@@ -14,18 +14,26 @@ Token flow (flat batch, decodes first, as in engine.layers.attention):
     x -> in_proj_a, in_proj_b -> decay g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)
     gated delta rule (recurrent for the decodes, all at once; chunked per prefill)
     -> RMSNorm gated by silu(in_proj_z(x)) -> out_proj
+
+The chunked form of a prefill and the recurrent form of a decode round differently, so a
+token's bits would depend on whether it was computed in a prompt or after it, and where
+its prompt was cut. In the batch-invariant mode (engine.layers.batch_invariant) a prefill
+chunk runs the decodes' one-token forms (the convolution's step, the recurrent rule) token
+after token: every token of a sequence is computed the same way, at a cost of one small
+step per prompt token and layer (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import LinearAttentionSpec
+from engine.layers.activation import sigmoid, softplus
 from engine.layers.attention import AttentionMetadata
 from engine.layers.causal_conv import causal_conv1d, causal_conv1d_step
 from engine.layers.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
@@ -64,6 +72,8 @@ class StateSlotMetadata:
 
 
 class GatedDeltaNet(nn.Module):
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def __init__(self, hidden_size: int, spec: LinearAttentionSpec, eps: float) -> None:
         super().__init__()
         self.spec = spec
@@ -89,22 +99,43 @@ class GatedDeltaNet(nn.Module):
             state.conv[fresh] = 0
             state.recurrent[fresh] = 0
         weight = self.conv1d.weight[:, 0]                                # [C, K]
+        invariant = self.batch_invariant
+        conv_step = lambda x, s: causal_conv1d_step(x, weight, s, invariant)  # noqa: E731
         mixed = _per_sequence(                                            # [T, 2 * Kd + Vd]
-            meta, state.conv, (self.in_proj_qkv(x),),
-            decodes=lambda x, s: causal_conv1d_step(x, weight, s),
-            chunk=lambda x, s: causal_conv1d(x, weight, s))
+            meta, state.conv, (self.in_proj_qkv(x),), decodes=conv_step,
+            chunk=self._chunk_form(conv_step, lambda x, s: causal_conv1d(x, weight, s)))
         q, k, v = mixed.split([spec.key_dim, spec.key_dim, spec.value_dim], dim=-1)
         repeat = spec.num_value_heads // spec.num_key_heads
         q, k = (l2_normalize(t.view(num_tokens, spec.num_key_heads, spec.key_head_dim))
                 .repeat_interleave(repeat, dim=1) for t in (q, k))     # [T, Hv, Dk] float32
         v = v.reshape(num_tokens, spec.num_value_heads, spec.value_head_dim)
-        beta = self.in_proj_b(x).sigmoid()                              # [T, Hv]
+        beta = sigmoid(self.in_proj_b(x), self.batch_invariant)         # [T, Hv]
         # float32 before exp: in half precision A could overflow to -inf
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        g = -self.A_log.float().exp() * softplus(self.in_proj_a(x).float() + self.dt_bias,
+                                                      self.batch_invariant)
         out = _per_sequence(meta, state.recurrent, (q, k, v, g, beta),  # [T, Hv, Dv] float32
-                            decodes=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule)
+                            decodes=recurrent_gated_delta_rule,
+                            chunk=self._chunk_form(recurrent_gated_delta_rule,
+                                                   chunk_gated_delta_rule))
         z = self.in_proj_z(x).view(num_tokens, spec.num_value_heads, spec.value_head_dim)
         return self.out_proj(self.norm(out.to(x.dtype), z).flatten(1))
+
+    def _chunk_form(self, step: Callable, chunked: Callable) -> Callable:
+        """How a prefill chunk runs: `chunked`, or in the batch-invariant mode the
+        decodes' one-token form `step`, token after token."""
+        return partial(_token_by_token, step) if self.batch_invariant else chunked
+
+
+def _token_by_token(step: Callable, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk of one sequence through a one-token form: `inputs` are the chunk's rows
+    [n, ...] and, last, its state (no batch dimension); `step` takes a batch of one token
+    per sequence and the states [B, ...]. -> (outputs [n, ...], the state after them)."""
+    *rows, state = inputs
+    state, outs = state[None], []
+    for t in range(rows[0].shape[0]):
+        out, state = step(*(r[t:t + 1] for r in rows), state)
+        outs.append(out)
+    return torch.cat(outs), state[0]
 
 
 def _per_sequence(meta: AttentionMetadata, pool: torch.Tensor, inputs: tuple[torch.Tensor, ...],

@@ -11,7 +11,8 @@ composes its own layer from them:
 - the routing (`softmax_topk`; gpt-oss takes the softmax over the chosen top-k logits),
   a function `router logits [T, E] -> (weights [T, k] float32, expert ids [T, k])`;
 - the activation (`silu_and_mul`; gpt-oss clamps a SwiGLU over interleaved gate/up
-  columns), a function `gate_up [n, 2 * I] -> [n, I]`;
+  columns), a function `(gate_up [n, 2 * I], batch_invariant) -> [n, I]`
+  (engine.layers.activation);
 - biases on the router and on the experts (gpt-oss has both; the Qwen3 families none).
 A shared expert (Qwen3.5-MoE) is a dense MLP added beside this layer by the family.
 
@@ -27,16 +28,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import LoraTarget
+from engine.layers.activation import silu
+from engine.layers.batch_invariant import tiled_rows
 from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-Activation = Callable[[torch.Tensor], torch.Tensor]
+Activation = Callable[[torch.Tensor, bool], torch.Tensor]
 
 # `<prefix>.experts.<e>.<proj>.weight` (one expert, the hub's layout) or
 # `<prefix>.experts.<proj>.weight` (every expert at once: the 3-D LoRA targets).
@@ -57,10 +61,10 @@ def softmax_topk(logits: torch.Tensor, top_k: int,
     return weights, experts
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """SwiGLU over the concatenated layout: gate_up [n, 2 * I] (gate, then up) -> [n, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu(gate, batch_invariant) * up
 
 
 def expert_param_slice(name: str, intermediate_size: int) -> tuple[str, tuple] | None:
@@ -89,7 +93,12 @@ def expert_lora_targets(hidden_size: int, intermediate_size: int,
 
 
 class FusedExperts(nn.Module):
-    """E gated MLPs of width I over hidden size H, their weights fused per projection."""
+    """E gated MLPs of width I over hidden size H, their weights fused per projection.
+
+    In the batch-invariant mode (engine.layers.batch_invariant) each expert runs over
+    fixed tiles of its tokens: how many tokens an expert gets depends on the batch."""
+
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: Activation = silu_and_mul, bias: bool = False) -> None:
@@ -117,21 +126,22 @@ class FusedExperts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 rows = slice(start, start + count)
-                out[rows] = self.expert_forward(expert, grouped[rows])
+                run = partial(self.expert_forward, expert)
+                out[rows] = tiled_rows(run, grouped[rows]) if self.batch_invariant else run(
+                    grouped[rows])
                 start += count
         # Back to (token, choice) order, then each token's weighted sum over its k choices.
         # A sum in a fixed order rather than index_add_: atomics on CUDA would make the
         # result differ from run to run. (A gather by the inverse permutation: on the CPU
         # index_select is 8x faster than the equivalent index_copy_ scatter.)
-        unsorted = out.index_select(0, order.argsort())                # [T*k, H]
-        mixed = torch.bmm(weights.to(x.dtype).unsqueeze(1),           # [T, 1, k]
-                          unsorted.view(num_tokens, top_k, x.shape[-1]))  # [T, k, H]
-        return mixed.squeeze(1)                                         # [T, H]
+        unsorted = out.index_select(0, order.argsort()).view(num_tokens, top_k, x.shape[-1])
+        return _weighted_sum(weights, unsorted).to(x.dtype)             # [T, k, H] -> [T, H]
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert over its n tokens: x [n, H] -> [n, H]."""
         gate_up = self._product(x, "gate_up_proj", expert)                  # [n, 2I]
-        return self._product(self.activation(gate_up), "down_proj", expert)  # [n, I] -> [n, H]
+        hidden = self.activation(gate_up, self.batch_invariant)             # [n, I]
+        return self._product(hidden, "down_proj", expert)                   # [n, H]
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through
@@ -141,6 +151,16 @@ class FusedExperts(nn.Module):
         if uses_onednn(x):
             return onednn_linear(x, self._packed[name](weight)[expert], bias)
         return F.linear(x, weight[expert], bias)
+
+
+def _weighted_sum(weights: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[:, j] * outputs[:, j] in float32, choice 0 first: weights [T, k],
+    outputs [T, k, H] -> [T, H]. Written out (k is at most a few), so the order is fixed
+    whatever the number of tokens, where a batched product's would be the kernel's."""
+    total = weights[:, :1] * outputs[:, 0].float()
+    for j in range(1, weights.shape[1]):
+        total += weights[:, j:j + 1] * outputs[:, j].float()
+    return total
 
 
 class SparseMoE(nn.Module):

@@ -13,8 +13,9 @@ and `l2_normalize` is the q/k normalisation of linear attention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.layers.activation import silu
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +50,11 @@ class ZeroCenteredRMSNorm(RMSNorm):
 
 
 class GatedRMSNorm(RMSNorm):
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x, z: [..., dim] -> weight * normed(x) * silu(z), in x's dtype."""
-        return (super().forward(x) * F.silu(z.float())).to(x.dtype)
+        return (super().forward(x) * silu(z.float(), self.batch_invariant)).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

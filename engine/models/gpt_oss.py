@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
+from engine.layers.activation import sigmoid
 from engine.layers.moe import SparseMoE, expert_lora_targets, expert_param_slice
 from engine.layers.norm import Float32WeightRMSNorm
 from engine.models.llama import Attention, LlamaForCausalLM, attention_lora_targets
@@ -75,14 +76,15 @@ def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return top_logits.softmax(dim=-1, dtype=torch.float32), experts
 
 
-def clamped_swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+def clamped_swiglu(gate_up: torch.Tensor, batch_invariant: bool = False, *, limit: float,
+                   alpha: float) -> torch.Tensor:
     """gpt-oss's activation over interleaved columns: gate_up [n, 2I] -> [n, I].
 
     The gate (even columns) is clamped from above at `limit`, the up (odd columns) to
     +-limit, and the up is shifted by one: `(up + 1) * gate * sigmoid(alpha * gate)`."""
     gate = gate_up[..., 0::2].clamp(max=limit)
     up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return (up + 1) * (gate * sigmoid(gate * alpha, batch_invariant))
 
 
 class GptOssForCausalLM(LlamaForCausalLM):

@@ -8,10 +8,10 @@ engine.models.causal_lm for where a Hugging Face weight lands inside them).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
+from engine.layers.activation import silu
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -43,6 +43,8 @@ class Attention(nn.Module):
     """Self-attention over the paged cache. gpt-oss adds a bias on `o_proj`, learned
     per-head `sinks` and, in its sliding layers, a `window` (engine.layers.attention)."""
 
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def __init__(self, cfg: ModelConfig, o_bias: bool = False, sinks: bool = False,
                  window: int | None = None) -> None:
         super().__init__()
@@ -67,11 +69,13 @@ class Attention(nn.Module):
         apply_rotary_(qkv[:, :h + kvh], *rope)                        # q and k at once, in place
         store_kv(kv_cache, qkv[:, h:], meta.slot_mapping)
         out = paged_attention(qkv[:, :h], kv_cache, meta, self.scale,  # [T, H, D]
-                              self.sinks, self.window)
+                              self.sinks, self.window, self.batch_invariant)
         return self.o_proj(out.flatten(1))
 
 
 class MLP(nn.Module):
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
@@ -79,7 +83,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu(gate, self.batch_invariant) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.layers.batch_invariant import enable as enable_batch_invariant
 from engine.models.mxfp4 import Mxfp4Pairs
 from engine.models.registry import model_class
 
@@ -26,7 +27,10 @@ IGNORED_PREFIXES = ("model.visual.", "mtp.")
 
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
-               dtype: torch.dtype, progress: bool = True) -> nn.Module:
+               dtype: torch.dtype, progress: bool = True,
+               batch_invariant: bool = False) -> nn.Module:
+    """The model, its weights loaded; with `batch_invariant`, built for that mode
+    (engine.layers.batch_invariant)."""
     # Built on the meta device: no time is spent on a random init that loading overwrites.
     with torch.device("meta"):
         model = model_class(cfg.model_type)(cfg)
@@ -48,6 +52,8 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
     missing = [name for name, param in params.items() if filled[name] < param.numel()]
     if missing:
         raise ValueError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
+    if batch_invariant:
+        enable_batch_invariant(model)
     return model.eval()
 
 

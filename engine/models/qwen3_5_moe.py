@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.config import LoraTarget
+from engine.layers.activation import sigmoid
 from engine.layers.linear import Linear
 from engine.layers.moe import SparseMoE, expert_lora_targets, expert_param_slice, softmax_topk
 from engine.models.llama import MLP
@@ -45,6 +46,8 @@ class Qwen3_5MoeConfig(Qwen3_5Config):
 class SharedExpertMoE(SparseMoE):
     """The routed experts, plus the shared expert gated per token."""
 
+    batch_invariant = False     # set by engine.layers.batch_invariant.enable
+
     def __init__(self, cfg: Qwen3_5MoeConfig) -> None:
         router = partial(softmax_topk, top_k=cfg.num_experts_per_tok, renormalize=True)
         super().__init__(cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, router)
@@ -53,7 +56,8 @@ class SharedExpertMoE(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        return super().forward(x) + self.shared_expert_gate(x).sigmoid() * self.shared_expert(x)
+        gate = sigmoid(self.shared_expert_gate(x), self.batch_invariant)    # [T, 1]
+        return super().forward(x) + gate * self.shared_expert(x)
 
 
 class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
