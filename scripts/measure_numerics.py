@@ -12,7 +12,7 @@ model's shapes, as "same bits or not" (and the largest difference when not):
 - chunking: a prompt's last position, its prompt prefilled in one chunk or in two.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/measure_numerics.py [--dtypes float32 bfloat16]
-        [--batch-invariant]
+        [--batch-invariant] [--device cuda]     (on CUDA: the table only, the Triton kernels')
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def table(dtype: torch.dtype, batch_invariant: bool) -> dict[str, str]:
+def table(dtype: torch.dtype, batch_invariant: bool, device: str = "cpu") -> dict[str, str]:
     """The issue's three rows for one dtype."""
     options = {"batch_invariant": True} if batch_invariant else {}
-    engine = Engine(core="thread", dtype=dtype, progress=False, **options)
+    engine = Engine(core="thread", device=device, dtype=dtype, progress=False, **options)
     client = engine.sampling_client()
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="measure the table with the batch-invariant mode on")
     parser.add_argument("--no-probes", action="store_true", help="the table only")
+    parser.add_argument("--device", default="cpu",
+                        help="where the engine runs (the probes are the CPU's, run on cpu only)")
     args = parser.parse_args()
     model_dir = fetch_default_model()
     cfg = load_model_config(model_dir)
@@ -165,9 +167,9 @@ def main() -> None:
           f"{args.batch_invariant}")
     for name in args.dtypes:
         dtype = getattr(torch, name)
-        for row, value in table(dtype, args.batch_invariant).items():
+        for row, value in table(dtype, args.batch_invariant, args.device).items():
             print(f"{name:9s} {row:46s} {value}", flush=True)
-        if args.no_probes:
+        if args.no_probes or args.device != "cpu":
             continue
         model = load_model(model_dir, cfg, "cpu", dtype, progress=False)
         print(f"{name:9s} {'matmul rows':46s} {matmul_rows(model, dtype)}", flush=True)

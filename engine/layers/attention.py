@@ -157,8 +157,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 def _attend_invariant(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup,
                       scale: float, sinks: torch.Tensor | None,
                       window: int | None) -> torch.Tensor:
-    return invariant_attention(q, kv_cache, group.block_tables, group.context_lens, scale,
-                               sinks, window)
+    attend = invariant_attention
+    if q.is_cuda:    # the Triton twin (imports triton, which CUDA machines have)
+        from kernels.invariant_attention import invariant_attention as attend
+    return attend(q, kv_cache, group.block_tables, group.context_lens, scale, sinks, window)
 
 
 def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, scale: float,

@@ -9,10 +9,11 @@ done in a way that does not look at the batch:
 - projections (every `Linear`, the experts of a MoE layer) multiply fixed tiles of
   `ROW_TILE` rows, the last one padded with zeros (`tiled_rows`), so the kernel sees one
   shape whatever the number of tokens; a row's output does not depend on the other rows
-  of its tile (the product is row by row);
+  of its tile (the product is row by row). On CUDA they go through a Triton matmul with
+  fixed tiles instead (`cuda_matmul`);
 - attention goes query tile by query tile over fixed-size key blocks, in a fixed order,
   in float32, the same for a prefill and a decode and any cache block size
-  (kernels/invariant_attention_ref.py);
+  (kernels/invariant_attention_ref.py; on CUDA its Triton twin, kernels/invariant_attention.py);
 - a hybrid model's linear attention runs its recurrent form for every token
   (engine.layers.linear_attention);
 - the MoE layer sums each token's experts in a fixed order;
@@ -48,6 +49,15 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         x = torch.cat((x, x.new_zeros(tile - n % tile, *x.shape[1:])))
     out = torch.cat([fn(part) for part in x.split(tile)])
     return out[:n] if n % tile else out
+
+
+def cuda_matmul(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """The mode's x @ weight.T + bias on CUDA: a Triton kernel with fixed tiles
+    (kernels/invariant_matmul.py), whose row bits do not depend on the number of rows."""
+    from kernels.invariant_matmul import matmul  # imports triton, which CUDA machines have
+
+    return matmul(x, weight, bias)
 
 
 def enable(model: nn.Module) -> None:

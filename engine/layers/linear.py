@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.batch_invariant import tiled_rows
+from engine.layers.batch_invariant import cuda_matmul, tiled_rows
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -66,7 +66,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [n, in] -> [n, out]."""
-        return tiled_rows(self._product, x) if self.batch_invariant else self._product(x)
+        if not self.batch_invariant:
+            return self._product(x)
+        if x.is_cuda:
+            return cuda_matmul(x, self.weight, self.bias)
+        return tiled_rows(self._product, x)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if uses_onednn(x):

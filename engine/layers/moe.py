@@ -36,7 +36,7 @@ from torch import nn
 
 from engine.config import LoraTarget
 from engine.layers.activation import silu
-from engine.layers.batch_invariant import tiled_rows
+from engine.layers.batch_invariant import cuda_matmul, tiled_rows
 from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -96,7 +96,8 @@ class FusedExperts(nn.Module):
     """E gated MLPs of width I over hidden size H, their weights fused per projection.
 
     In the batch-invariant mode (engine.layers.batch_invariant) each expert runs over
-    fixed tiles of its tokens: how many tokens an expert gets depends on the batch."""
+    fixed tiles of its tokens on the CPU (how many tokens an expert gets depends on the
+    batch), and through the fixed-tile Triton matmul on CUDA."""
 
     batch_invariant = False     # set by engine.layers.batch_invariant.enable
 
@@ -127,8 +128,8 @@ class FusedExperts(nn.Module):
             if count:
                 rows = slice(start, start + count)
                 run = partial(self.expert_forward, expert)
-                out[rows] = tiled_rows(run, grouped[rows]) if self.batch_invariant else run(
-                    grouped[rows])
+                tiled = self.batch_invariant and not x.is_cuda   # (CUDA: cuda_matmul)
+                out[rows] = tiled_rows(run, grouped[rows]) if tiled else run(grouped[rows])
                 start += count
         # Back to (token, choice) order, then each token's weighted sum over its k choices.
         # A sum in a fixed order rather than index_add_: atomics on CUDA would make the
@@ -148,6 +149,8 @@ class FusedExperts(nn.Module):
         oneDNN with each expert's matrix packed once, as engine.layers.linear does."""
         weight, bias = getattr(self, name), getattr(self, name + "_bias")
         bias = None if bias is None else bias[expert]
+        if self.batch_invariant and x.is_cuda:
+            return cuda_matmul(x, weight[expert], bias)
         if uses_onednn(x):
             return onednn_linear(x, self._packed[name](weight)[expert], bias)
         return F.linear(x, weight[expert], bias)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kernels_and_signatures() -> list:
-    from kernels import logprobs, penalties, sampling
+    from kernels import invariant_attention, invariant_matmul, logprobs, penalties, sampling
 
     sample_sig = {"logits_ptr": "*fp32", "stride": "i32", "temp_ptr": "*fp32",
                   "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
@@ -30,6 +30,21 @@ def _kernels_and_signatures() -> list:
                     "presence_ptr": "*fp32", "frequency_ptr": "*fp32", "V": "i32"}
     bias_sig = {"logits_ptr": "*fp32", "stride": "i32", "rows_ptr": "*i64", "tokens_ptr": "*i64",
                 "values_ptr": "*fp32", "N": "i32", "V": "i32"}
+    matmul_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                  "stride_om": "i32"}
+    matmul_tiles = {"BLOCK_M": invariant_matmul.BLOCK_M, "BLOCK_N": invariant_matmul.BLOCK_N,
+                    "BLOCK_K": invariant_matmul.BLOCK_K}
+    fp32 = {name: "*fp32" for name in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")}
+    attention_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i32", "ctx_ptr": "*i32",
+                     "sinks_ptr": "*bf16", "out_ptr": "*bf16", "num_queries": "i32",
+                     "table_width": "i32", "window": "i32", "scale": "fp32",
+                     **{name: "i32" for name in ("q_stride_s", "q_stride_q", "q_stride_h",
+                                                 "c_stride_h", "c_stride_b", "c_stride_r")}}
+    attention_consts = {"KV_HEADS": 8, "GROUP": 8, "HEAD_DIM": 64, "BLOCK_SIZE": 16,
+                        "HAS_SINKS": True, "HAS_WINDOW": True, "FLOAT32": False,
+                        "QUERY_TILE": invariant_attention.QUERY_TILE,
+                        "KEY_BLOCK": invariant_attention.KEY_BLOCK, "BLOCK_M": 32}
     pivots = {"NUM_PIVOTS": sampling.NUM_PIVOTS, "BLOCK": sampling.BLOCK}
     bf16 = {"logits_ptr": "*bf16"}                                   # the sampler reads bf16 too
     return [
@@ -42,6 +57,14 @@ def _kernels_and_signatures() -> list:
         (penalties._tally_kernel, tally_sig, {"IS_PROMPT": False, "BLOCK": penalties.BLOCK}),
         (penalties._penalize_kernel, penalize_sig, {"BLOCK": penalties.BLOCK}),
         (penalties._bias_kernel, bias_sig, {"BLOCK": penalties.BLOCK}),
+        (invariant_matmul._matmul_kernel, matmul_sig,
+         {"HAS_BIAS": True, "FLOAT32": False, **matmul_tiles}),
+        (invariant_matmul._matmul_kernel, {**matmul_sig, **fp32},
+         {"HAS_BIAS": False, "FLOAT32": True, **matmul_tiles}),
+        (invariant_attention._attention_kernel, attention_sig, attention_consts),
+        (invariant_attention._attention_kernel,
+         {**attention_sig, "q_ptr": "*fp32", "cache_ptr": "*fp32", "out_ptr": "*fp32"},
+         {**attention_consts, "FLOAT32": True, "HAS_SINKS": False, "HAS_WINDOW": False}),
     ]
 
 
