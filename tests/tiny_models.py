@@ -37,6 +37,8 @@ def family_configs() -> dict:
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 32})),
+        "llama-attention-bias": LlamaConfig(**_common(attention_bias=True,
+                                                      tie_word_embeddings=False)),
         "qwen2-qkv-bias": Qwen2Config(**_common(tie_word_embeddings=False)),
         "qwen3-qk-norm-tied": Qwen3Config(**_common(head_dim=32, tie_word_embeddings=True)),
     }
@@ -101,7 +103,8 @@ def _save_random_model(config, path: Path, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.dim() >= 2:   # matrices, and the experts' stacks of them
                 p.normal_(0.0, 0.08)
-            elif config.model_type == "gpt_oss" and name.endswith(("bias", "sinks")):
+            elif name.endswith("_proj.bias") or (config.model_type == "gpt_oss"
+                                                 and name.endswith(("bias", "sinks"))):
                 p.normal_(0.0, 0.5)   # zero or near it at init: make them matter
     model.save_pretrained(path)
 

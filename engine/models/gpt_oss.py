@@ -55,7 +55,8 @@ class GptOssModelConfig(ModelConfig):
         # transformers' default: sliding layers first, then alternating.
         layer_types = cfg.get("layer_types") or [SLIDING if i % 2 == 0 else FULL
                                                  for i in range(num_layers)]
-        return cls(**{**fields, "qkv_bias": cfg.get("attention_bias", True)},
+        bias = cfg.get("attention_bias", True)
+        return cls(**{**fields, "qkv_bias": bias, "o_bias": bias},
                    num_experts=cfg["num_local_experts"],
                    num_experts_per_tok=cfg["num_experts_per_tok"],
                    swiglu_limit=cfg.get("swiglu_limit", 7.0),
@@ -91,7 +92,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def make_attention(cfg: GptOssModelConfig, layer: int) -> nn.Module:
-        return Attention(cfg, o_bias=cfg.qkv_bias, sinks=True, window=cfg.window(layer))
+        return Attention(cfg, sinks=True, window=cfg.window(layer))
 
     @staticmethod
     def make_mlp(cfg: GptOssModelConfig, layer: int) -> nn.Module:
