@@ -61,6 +61,12 @@ class CausalLM(nn.Module):
         (a family whose checkpoints lay a weight out otherwise overrides this)."""
         return tensor
 
+    @staticmethod
+    def hub_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of `checkpoint_tensor`, for an export (engine.models.hub_weights):
+        our parameter's rows in the checkpoint's layout."""
+        return tensor
+
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
 
