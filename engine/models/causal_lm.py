@@ -67,6 +67,13 @@ class CausalLM(nn.Module):
         our parameter's rows in the checkpoint's layout."""
         return tensor
 
+    @classmethod
+    def fused_module(cls, hf_module: str) -> str | None:
+        """The fused module `hf_module` is a slice of (`packed_modules`), else None:
+        `model.layers.0.linear_attn.in_proj_q` -> `model.layers.0.linear_attn.in_proj_qkv`."""
+        parent, _, leaf = hf_module.rpartition(".")
+        return f"{parent}.{cls.packed_modules[leaf][0]}" if leaf in cls.packed_modules else None
+
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
 
