@@ -12,8 +12,9 @@ Next to the Llama family it differs in five places, each a hook of `LlamaForCaus
   `mlp.router` (ours `mlp.gate`); the experts are stored input-major, `gate_up_proj`
   [E, H, 2I] (gate in the even columns, up in the odd ones) and `down_proj` [E, I, H],
   which load transposed into the MoE layer's [E, 2I, H] and [E, H, I], the interleaving
-  kept (so the gate is in the even rows). Hub checkpoints hold the experts in MXFP4,
-  dequantized by the loader (engine.models.mxfp4) before they get here.
+  kept (so the gate is in the even rows); `hub_tensor` transposes them back for an
+  export. Hub checkpoints hold the experts in MXFP4, dequantized by the loader
+  (engine.models.mxfp4) before they get here; an export writes them dequantized.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Expert weights come input-major ([E, in, out]); ours are [E, out, in]."""
         return tensor.transpose(1, 2) if _INPUT_MAJOR.search(hf_name) else tensor
+
+    # An export writes them input-major again: the transposition is its own inverse.
+    hub_tensor = checkpoint_tensor
 
     def param_slice(self, hf_name: str) -> tuple[str, slice | tuple | None]:
         """As Llama's, plus the router's name and the experts' 3-D LoRA targets:
