@@ -110,7 +110,7 @@ class ServerState:
         card = {"object": "model", "owned_by": "pokeserve", "max_model_len": engine.max_model_len}
         cards = [{**card, "id": name, "created": int(self.started), "root": str(engine.model_dir),
                   "parent": None} for name in self.base_names]
-        cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
+        cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.source),
                    "parent": self.base_names[0]} for info in engine.checkpoints.list()]
         return cards
 

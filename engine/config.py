@@ -76,7 +76,8 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool          # Qwen2: bias on q/k/v projections
+    qkv_bias: bool          # Qwen2, and `attention_bias` models: bias on q/k/v projections
+    o_bias: bool            # `attention_bias` models (Qwen2 has none on o_proj): on o_proj
     qk_norm: bool           # Qwen3: per-head RMSNorm on q and k
     eos_token_ids: tuple[int, ...]
     quantization: str | None   # quantization_config.quant_method ("mxfp4": gpt-oss's experts)
@@ -131,6 +132,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+            o_bias=cfg.get("attention_bias", False),
             qk_norm=model_type == "qwen3",
             eos_token_ids=eos_ids,
             quantization=(cfg.get("quantization_config") or {}).get("quant_method"),

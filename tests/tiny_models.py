@@ -37,6 +37,8 @@ def family_configs() -> dict:
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 32})),
+        "llama-attention-bias": LlamaConfig(**_common(attention_bias=True,
+                                                      tie_word_embeddings=False)),
         "qwen2-qkv-bias": Qwen2Config(**_common(tie_word_embeddings=False)),
         "qwen3-qk-norm-tied": Qwen3Config(**_common(head_dim=32, tie_word_embeddings=True)),
     }
@@ -101,7 +103,8 @@ def _save_random_model(config, path: Path, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.dim() >= 2:   # matrices, and the experts' stacks of them
                 p.normal_(0.0, 0.08)
-            elif config.model_type == "gpt_oss" and name.endswith(("bias", "sinks")):
+            elif name.endswith("_proj.bias") or (config.model_type == "gpt_oss"
+                                                 and name.endswith(("bias", "sinks"))):
                 p.normal_(0.0, 0.5)   # zero or near it at init: make them matter
     model.save_pretrained(path)
 
@@ -235,4 +238,42 @@ def save_mxfp4_copy(model_dir: Path, path: Path, seed: int = 0) -> Path:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def save_scripted_harmony_model(path: Path, script: list[str], scale: float = 100.0,
+                                **config_overrides) -> Path:
+    """A tiny harmony gpt-oss that, greedily, writes `script` (a list of texts whose
+    tokens follow each other) after the generation prompt's last token, then repeats the
+    script's last token (if it is new to the script): a random model never writes harmony's channels by itself.
+
+    Attention and expert outputs are zeroed, so the last hidden state is the input
+    token's own normalised embedding `f_t`, and each successor's unembedding row is the
+    sum of `scale * f_t / |f_t|` over the tokens `t` it follows: the logits are then
+    largest for the token's successor (random 64-d embeddings are far from parallel).
+    Every token of the script must be followed by one token only."""
+    from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedTokenizerFast
+
+    save_tiny_harmony_model(path, **config_overrides)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    prompt_end = tok.encode("<|start|>assistant", add_special_tokens=False)[-1]
+    ids = [prompt_end] + [i for text in script for i in tok.encode(text, add_special_tokens=False)]
+    pairs = list(zip(ids, ids[1:]))
+    successors = dict(pairs)
+    if len(successors) != len(set(pairs)):
+        raise ValueError(f"a token of the script is followed by two different tokens: {ids}")
+    successors.setdefault(ids[-1], ids[-1])
+    tensors = load_file(path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("o_proj.weight", "o_proj.bias",
+                                                   "experts.down_proj", "down_proj_bias"))]:
+        tensors[name].zero_()
+    embed = tensors["model.embed_tokens.weight"].float()                 # [vocab, hidden]
+    normed = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + 1e-5)
+    normed = normed * tensors["model.norm.weight"].float()
+    unembed = torch.zeros_like(tensors["lm_head.weight"])               # [vocab, hidden]
+    for token, successor in successors.items():
+        unembed[successor] += scale * normed[token] / normed[token].norm()
+    tensors["lm_head.weight"] = unembed
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return path

@@ -16,7 +16,8 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
   `w2` (down_proj): A [E or 1, r, in] and B [E or 1, out, r], where a leading 1 is one
   factor shared by every expert (expert e's delta is `B[e] @ A[e]`), and for Qwen3.5
   separate `in_proj_q`, `in_proj_k`, `in_proj_v` factors for slices of the fused
-  `in_proj_qkv` (the model's `param_slice` places them);
+  `in_proj_qkv` (the model's `param_slice` places them; an adapter names these or
+  `in_proj_qkv`, never both);
 - a vision-language model's text modules as `model.language_model.<...>`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
 delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`: a linear
@@ -37,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from engine.checkpoints.adapter_config import AdapterConfig
 from engine.checkpoints.errors import CheckpointInvalid
 from engine.config import LoraTarget, ModelConfig
-from engine.models.registry import lora_targets
+from engine.models.registry import lora_targets, model_class
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -159,7 +160,18 @@ def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
             raise CheckpointInvalid(f"{name}: {module} is adapted twice")
         rank = _rank(name, targets[module], shapes[keys["A"]], shapes[keys["B"]])
         plan[module] = (keys["A"], keys["B"], config.scale(name, rank))
+    _check_no_slice_of_an_adapted_module(plan, model_class(cfg.model_type))
     return plan
+
+
+def _check_no_slice_of_an_adapted_module(plan: dict[str, tuple], family: type) -> None:
+    """A module and a slice of it both adapted (Qwen3.5's `in_proj_q` and the `in_proj_qkv`
+    it is part of: the service's and PEFT's names for the same rows) are refused, as a
+    module adapted twice is: which delta the rows get would be a guess."""
+    for module in plan:
+        whole = family.fused_module(module)
+        if whole in plan:
+            raise CheckpointInvalid(f"{module}: a slice of {whole}, which is adapted too")
 
 
 def _rank(name: str, target: LoraTarget, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:

@@ -12,7 +12,9 @@ The merge is the engine's own (LoraManager, without base copies) in the export d
 each delta computed in float32 and cast once: the weights written are the weights
 pokeserve serves in that dtype. A tied-embedding base whose adapter touches the head or
 the embedding is exported untied: `lm_head.weight` is written, and config.json says
-`tie_word_embeddings: false` and `pokeserve_export.untied_lm_head: true`.
+`tie_word_embeddings: false` and `pokeserve_export.untied_lm_head: true`. A quantized base
+(gpt-oss's MXFP4 experts) is exported dequantized, in the export dtype: config.json loses
+its `quantization_config`, and `pokeserve_export.dequantized` names the format it had.
 
 Everything is written into a temporary sibling of OUT_DIR renamed into place last, so an
 interrupted export leaves nothing at OUT_DIR (a killed one leaves a hidden
@@ -30,8 +32,9 @@ import torch
 
 from engine.checkpoints.merge import LoraManager
 from engine.checkpoints.store import CheckpointInfo, CheckpointStore
+from engine.config import ModelConfig
 from engine.models.default_model import fetch_default_model
-from engine.models.hub_weights import HubCheckpoint, exported_weights, save_shards
+from engine.models.hub_weights import HubCheckpoint, hub_names, hub_weights, save_shards
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
 from engine.text.tokenizer import Tokenizer
@@ -71,9 +74,9 @@ def export_checkpoint(checkpoint: str | None, out_dir: str | Path, *,
     try:
         _copy_other_files(model_dir, tmp)
         base = HubCheckpoint.open(model_dir)
-        save_shards(exported_weights(model, base), tmp, max_shard_bytes, progress,
-                    total=len(base.names) + int(untied))
-        config = _export_config(model, config, dtype, info, untied)
+        save_shards(hub_weights(model, base), tmp, max_shard_bytes, progress,
+                    total=len(hub_names(model, base)) + int(untied))
+        config = _export_config(config, cfg, dtype, info, untied)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_generation_config(model_dir, config, tmp)
         _write_tokenizer(model_dir, info, tmp)
@@ -95,9 +98,10 @@ def _config_dtype(config: dict) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _export_config(model, config: dict, dtype: torch.dtype, info: CheckpointInfo | None,
-                   untied: bool) -> dict:
+def _export_config(config: dict, cfg: ModelConfig, dtype: torch.dtype,
+                   info: CheckpointInfo | None, untied: bool) -> dict:
     config = dict(config)
+    config.pop("quantization_config", None)   # the loader dequantized the weights written
     # transformers 5 reads `dtype`, older releases (and the engines pinned to them) `torch_dtype`.
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if untied:
@@ -105,9 +109,8 @@ def _export_config(model, config: dict, dtype: torch.dtype, info: CheckpointInfo
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     config["pokeserve_export"] = {"checkpoint": info.name if info else None,
-                                  "untied_lm_head": untied}
-    hook = getattr(model, "export_config", None)
-    return hook(config) if hook is not None else config
+                                  "untied_lm_head": untied, "dequantized": cfg.quantization}
+    return config
 
 
 def _copy_other_files(model_dir: Path, out: Path) -> None:

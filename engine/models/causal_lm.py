@@ -61,6 +61,19 @@ class CausalLM(nn.Module):
         (a family whose checkpoints lay a weight out otherwise overrides this)."""
         return tensor
 
+    @staticmethod
+    def hub_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of `checkpoint_tensor`, for an export (engine.models.hub_weights):
+        our parameter's rows in the checkpoint's layout."""
+        return tensor
+
+    @classmethod
+    def fused_module(cls, hf_module: str) -> str | None:
+        """The fused module `hf_module` is a slice of (`packed_modules`), else None:
+        `model.layers.0.linear_attn.in_proj_q` -> `model.layers.0.linear_attn.in_proj_qkv`."""
+        parent, _, leaf = hf_module.rpartition(".")
+        return f"{parent}.{cls.packed_modules[leaf][0]}" if leaf in cls.packed_modules else None
+
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
 

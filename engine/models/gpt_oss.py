@@ -12,8 +12,9 @@ Next to the Llama family it differs in five places, each a hook of `LlamaForCaus
   `mlp.router` (ours `mlp.gate`); the experts are stored input-major, `gate_up_proj`
   [E, H, 2I] (gate in the even columns, up in the odd ones) and `down_proj` [E, I, H],
   which load transposed into the MoE layer's [E, 2I, H] and [E, H, I], the interleaving
-  kept (so the gate is in the even rows). Hub checkpoints hold the experts in MXFP4,
-  dequantized by the loader (engine.models.mxfp4) before they get here.
+  kept (so the gate is in the even rows); `hub_tensor` transposes them back for an
+  export. Hub checkpoints hold the experts in MXFP4, dequantized by the loader
+  (engine.models.mxfp4) before they get here; an export writes them dequantized.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class GptOssModelConfig(ModelConfig):
         # transformers' default: sliding layers first, then alternating.
         layer_types = cfg.get("layer_types") or [SLIDING if i % 2 == 0 else FULL
                                                  for i in range(num_layers)]
-        return cls(**{**fields, "qkv_bias": cfg.get("attention_bias", True)},
+        bias = cfg.get("attention_bias", True)
+        return cls(**{**fields, "qkv_bias": bias, "o_bias": bias},
                    num_experts=cfg["num_local_experts"],
                    num_experts_per_tok=cfg["num_experts_per_tok"],
                    swiglu_limit=cfg.get("swiglu_limit", 7.0),
@@ -93,7 +95,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def make_attention(cfg: GptOssModelConfig, layer: int) -> nn.Module:
-        return Attention(cfg, o_bias=cfg.qkv_bias, sinks=True, window=cfg.window(layer))
+        return Attention(cfg, sinks=True, window=cfg.window(layer))
 
     @staticmethod
     def make_mlp(cfg: GptOssModelConfig, layer: int) -> nn.Module:
@@ -115,6 +117,9 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Expert weights come input-major ([E, in, out]); ours are [E, out, in]."""
         return tensor.transpose(1, 2) if _INPUT_MAJOR.search(hf_name) else tensor
+
+    # An export writes them input-major again: the transposition is its own inverse.
+    hub_tensor = checkpoint_tensor
 
     def param_slice(self, hf_name: str) -> tuple[str, slice | tuple | None]:
         """As Llama's, plus the router's name and the experts' 3-D LoRA targets:

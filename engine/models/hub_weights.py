@@ -2,25 +2,19 @@
 
 An export (engine.checkpoints.export) writes a family's weights back under the names and
 shapes its hub checkpoints use, so that other engines load them unchanged. The loader
-copies each hub tensor into the rows `param_slice(name)` gives of one of our parameters;
-reading those rows back inverts it, splitting fused projections (`qkv_proj`,
-`gate_up_proj`) into q/k/v and gate/up again. Hub tensors the engine does not load (a
-vision tower, cached rotary frequencies) are copied through unchanged.
+copies each hub tensor, through `checkpoint_tensor`, into the rows `param_slice(name)`
+gives of one of our parameters; reading those rows back through `hub_tensor` inverts
+it, splitting fused projections (`qkv_proj`, `gate_up_proj`) into q/k/v and gate/up
+again and restoring a layout the loader changed (gpt-oss's input-major experts). Hub
+tensors the engine does not load (a vision tower, cached rotary frequencies) are copied
+through unchanged.
 
-The per-family hook. A model class whose weights cannot be read back this way (a loader
-that converts on the way in: dequantizes, transposes, stacks under other names) defines
-
-    def export_weights(self, base: HubCheckpoint) -> Iterator[tuple[str, torch.Tensor]]
-
-yielding every tensor of the exported checkpoint exactly once, by hub name, in the dtype
-it is to be saved in: its own parameters (merged, as they are served) converted back, and
-`base.get(name)` for what it copies through. It may `yield from hub_weights(self, base,
-names)` for the names the default handles. Two lighter hooks:
-- `hub_names(self, names: list[str]) -> list[str]`: the hub's tensor names for a base
-  holding `names`, when they differ but `param_slice` maps both (Qwen3-MoE: a base with
-  transformers' fused experts is written with one tensor per expert, as the hub has it);
-- `export_config(self, config: dict) -> dict`: config.json as exported, when it must
-  change too (e.g. a quantization_config that no longer applies).
+Which names are written (`hub_names`): the base's, except that
+- MXFP4 pairs (`<name>_blocks`, `<name>_scales`), which the loader dequantizes, are
+  written as the one dequantized `<name>` (the layout of the hub's bf16 gpt-oss);
+- a family whose hub layout differs from what a base may hold defines
+  `hub_names(self, names: list[str]) -> list[str]` (Qwen3-MoE: a base with transformers'
+  fused experts is written with one tensor per expert, as the hub has it).
 """
 
 from __future__ import annotations
@@ -35,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
+
+from engine.models.mxfp4 import dequantized_names
 
 UNTIED_HEAD = "lm_head.weight"   # a tied model's head, once an adapter gave it its own weight
 INDEX_FILE = "model.safetensors.index.json"
@@ -65,42 +61,35 @@ class HubCheckpoint:
             return f.get_tensor(name)
 
 
-def exported_weights(model: nn.Module, base: HubCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """The family's `export_weights` if it has one, else the default `hub_weights`."""
-    hook = getattr(model, "export_weights", None)
-    return hook(base) if hook is not None else hub_weights(model, base)
+def hub_names(model: nn.Module, base: HubCheckpoint) -> list[str]:
+    """The names of the tensors an export of `model` over `base` writes (a head an adapter
+    untied aside)."""
+    names = base.names
+    if model.cfg.quantization == "mxfp4":
+        names = dequantized_names(names)
+    family = getattr(model, "hub_names", None)
+    return names if family is None else family(names)
 
 
-def hub_weights(model: nn.Module, base: HubCheckpoint,
-                names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The default export of the tensors `names` (default: all of the base's, under the
-    family's `hub_names`): each read back from the rows `param_slice` gives it, or copied
-    through from the base when the engine does not load it; then a head an adapter untied,
-    if the base stores none.
-
-    Over all names, ValueError if a parameter of the model is left out: that family needs
-    its own `export_weights`. Given `names`, the caller answers for the rest.
-    """
+def hub_weights(model: nn.Module, base: HubCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the export, by hub name (`hub_names`): each read back from the rows
+    `param_slice` gives it, in the hub's layout (`hub_tensor`), or copied through from the
+    base when the engine does not load it; then a head an adapter untied, if the base
+    stores none. ValueError if a parameter of the model has no hub name."""
     params = dict(model.named_parameters())   # a head still tied is not listed apart
     covered = set()
-    hub_names = getattr(model, "hub_names", None)
-    everything = names is None
-    if everything:
-        names = base.names if hub_names is None else hub_names(base.names)
-    for hf_name in names:
+    for hf_name in hub_names(model, base):
         name, rows = model.param_slice(hf_name)
         if name not in params:
             yield hf_name, base.get(hf_name)
             continue
         covered.add(name)
         weight = params[name].detach()
-        yield hf_name, weight if rows is None else weight[rows]
-    if not everything:
-        return
+        yield hf_name, model.hub_tensor(hf_name, weight if rows is None else weight[rows])
     missing = sorted(params.keys() - covered - {UNTIED_HEAD})
     if missing:
-        raise ValueError(f"no hub name for {missing[:5]}: {type(model).__name__} needs its own "
-                         "export_weights")
+        raise ValueError(f"no hub name for {missing[:5]}: {type(model).__name__} needs a "
+                         "hub_names hook")
     if UNTIED_HEAD in params and UNTIED_HEAD not in covered:
         yield UNTIED_HEAD, params[UNTIED_HEAD].detach()
 

@@ -40,17 +40,16 @@ def mlp_lora_targets(hidden: int, intermediate: int) -> dict[str, LoraTarget]:
 
 
 class Attention(nn.Module):
-    """Self-attention over the paged cache. gpt-oss adds a bias on `o_proj`, learned
-    per-head `sinks` and, in its sliding layers, a `window` (engine.layers.attention)."""
+    """Self-attention over the paged cache. gpt-oss adds learned per-head `sinks` and, in
+    its sliding layers, a `window` (engine.layers.attention)."""
 
     batch_invariant = False     # set by engine.layers.batch_invariant.enable
 
-    def __init__(self, cfg: ModelConfig, o_bias: bool = False, sinks: bool = False,
-                 window: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, sinks: bool = False, window: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -17,7 +17,9 @@ This is transformers' `convert_moe_packed_tensors` (`transformers.integrations.m
 step for step, so the weights are bit-identical to what transformers serves. Keeping the
 packed form on the GPU with a matmul that reads it is a later step. `Mxfp4Pairs` is what
 the loader uses: it meets each projection's two tensors, in either order and in any
-shard, and dequantizes them on the model's device.
+shard, and dequantizes them on the model's device. An export writes the dequantized
+weights under the projection's own name (`dequantized_names`), as the hub's bf16
+checkpoints of these models have them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ class Mxfp4Pairs:
     def unpaired(self) -> list[str]:
         """The halves whose other half never came."""
         return sorted(base + suffix for base, halves in self._halves.items() for suffix in halves)
+
+
+def dequantized_names(names: list[str]) -> list[str]:
+    """A checkpoint's tensor names once its MXFP4 pairs are dequantized: `<name>_blocks`
+    and `<name>_scales` become `<name>`, where the first of the two stood."""
+    out: dict[str, None] = {}   # ordered, each name once
+    for name in names:
+        out[name.removesuffix(BLOCKS_SUFFIX).removesuffix(SCALES_SUFFIX)
+            if Mxfp4Pairs.is_half(name) else name] = None
+    return list(out)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,

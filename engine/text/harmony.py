@@ -97,7 +97,7 @@ class _Phase(enum.Enum):
 class HarmonySplitter:
     """Splits one completion's tokens, fed as they are generated, into reasoning and content.
 
-    The interface of `engine.text.reasoning.ReasoningSplitter`, fed token ids instead of
+    The `TraceSplitter` interface (`engine.text.reasoning`), fed token ids instead of
     text: `feed(ids)` returns the (reasoning, content) the new tokens release, `finish()`
     the rest; `reasoning_tokens` counts the tokens of analysis bodies. `prompt_ids` (or
     only their end) set where the output starts, normally inside the header that the

@@ -90,12 +90,11 @@ class TextPipeline:
         output unless it is a requested stop token and include_stop_str_in_output),
         or "length" (its last token)."""
         self.num_tokens += 1
-        text = self.detokenizer.add(token_id)
-        if ended_by == "length":        # a character cut off by the limit is released as is
+        hidden = ended_by == "stop" and not (self.params.include_stop_str_in_output
+                                             and token_id in self.params.stop_token_set)
+        text = "" if hidden else self.detokenizer.add(token_id)
+        if ended_by is not None:        # a character cut off by the end is released as is
             text += self.detokenizer.flush()
-        elif ended_by == "stop" and not (self.params.include_stop_str_in_output
-                                         and token_id in self.params.stop_token_set):
-            text = ""
         reasoning, content = self._split(token_id, text, final=ended_by is not None)
         delta = TextDelta(reasoning=reasoning)
         if self.num_tokens < self.params.min_tokens:

@@ -53,6 +53,15 @@ def test_downloaded_and_archived_checkpoints_are_listed_once_and_served(client, 
         assert completion.model == name and completion.usage.completion_tokens == 3
 
 
+def test_an_archived_checkpoints_root_is_the_archive_not_its_extracted_copy(client, server,
+                                                                            adapter):
+    archive = pack_archive(adapter, server.checkpoint_root / RUN / "sampler_weights" / "000025.tar")
+    name = f"tinker://{RUN}/sampler_weights/000025"
+    client.completions.create(model=name, prompt="the quick", max_tokens=1)   # extracts it
+    card = next(m for m in client.models.list().data if m.id == name)
+    assert card.root == str(archive.resolve())
+
+
 def test_an_unsafe_archive_is_a_400_naming_the_checkpoint(client, server, adapter, tmp_path):
     link = tarfile.TarInfo("evil")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import engine.models.hub_weights as hub_weights
 from api.cli import main as cli
-from engine import Engine, ModelInput, SamplingParams
 from engine.checkpoints.export import export_checkpoint
+from engine.text.tokenizer import Tokenizer
+from tests.engine.checkpoints.exports import (
+    assert_export_serves_like_the_checkpoint,
+    hub_tensors,
+    transformers_logprobs_fn,
+)
 from tests.engine.checkpoints.helpers import (
     ALL_LINEAR,
-    greedy,
     hand_merged_qwen3_moe,
     peft_logprobs_fn,
     save_peft_adapter,
@@ -32,22 +35,6 @@ BASE_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 OWN_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
-
-
-def hub_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def hf_logprobs_fn(model_dir: Path):
-    """transformers alone over an exported directory."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    @torch.no_grad()
-    def logprobs(ids: list[int]) -> torch.Tensor:
-        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    return logprobs
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +74,18 @@ def test_an_export_run_by_transformers_alone_matches_pokeserve_serving_the_check
 
     prompt = AutoTokenizer.from_pretrained(exported).apply_chat_template(
         MESSAGES, add_generation_prompt=True, return_dict=False)
-    hf = hf_logprobs_fn(exported)
-    tokens = greedy(hf, prompt, 12)
-    eng = Engine(base, block_size=4, num_kv_blocks=64, checkpoint_root=str(checkpoint[0]),
-                 progress=False)
-    try:
-        assert eng.tokenizer.encode_chat(MESSAGES, chat_template=OWN_TEMPLATE) == prompt
-        served = eng.sampling_client(NAME).sample(
-            ModelInput.from_ints(prompt), 1,
-            SamplingParams(max_tokens=12, temperature=0.0, stop=[])).result(timeout=60).sequences[0]
-    finally:
-        eng.shutdown()
-    assert served.tokens == tokens
-    rows = hf(prompt + tokens)[len(prompt) - 1:-1].gather(1, torch.tensor(tokens)[:, None])[:, 0]
-    torch.testing.assert_close(torch.tensor(served.logprobs), rows, atol=1e-4, rtol=0)
+    assert Tokenizer(base).encode_chat(MESSAGES, chat_template=OWN_TEMPLATE) == prompt
+    tokens = assert_export_serves_like_the_checkpoint(exported, base, checkpoint[0], NAME, prompt)
     peft = peft_logprobs_fn(base, checkpoint[1])(prompt + tokens)   # the adapter, unmerged
-    torch.testing.assert_close(hf(prompt + tokens), peft, atol=1e-4, rtol=0)
+    torch.testing.assert_close(transformers_logprobs_fn(exported)(prompt + tokens), peft,
+                               atol=1e-4, rtol=0)
 
 
 def test_a_tied_base_with_an_unembed_adapter_is_exported_untied_and_says_so(exported, base):
     config = json.loads((exported / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    assert config["pokeserve_export"] == {"checkpoint": NAME, "untied_lm_head": True}
+    assert config["pokeserve_export"] == {"checkpoint": NAME, "untied_lm_head": True,
+                                        "dequantized": None}
     index = json.loads((exported / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(hub_tensors(base)) | {"lm_head.weight"}
@@ -136,7 +113,8 @@ def test_exporting_a_base_writes_its_hub_tensors_back_bit_for_bit(tiny_model_dir
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == json.loads((base / "config.json").read_text())[
         "tie_word_embeddings"]
-    assert config["pokeserve_export"] == {"checkpoint": None, "untied_lm_head": False}
+    assert config["pokeserve_export"] == {"checkpoint": None, "untied_lm_head": False,
+                                        "dequantized": None}
 
 
 @pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied", "qwen3_5_moe-text"])
@@ -225,5 +203,5 @@ def test_a_moe_export_with_an_expert_adapter_matches_a_hand_merge(tiny_moe_model
     out = export_checkpoint("moe-adapter", tmp_path / "out", model_dir=base,
                             checkpoint_root=tmp_path / "root", progress=False)
     ids = [5, 17, 42, 99, 7, 23, 61, 130, 8, 77]
-    torch.testing.assert_close(hf_logprobs_fn(out)(ids),
+    torch.testing.assert_close(transformers_logprobs_fn(out)(ids),
                                hand_merged_qwen3_moe(base, adapter)(ids), atol=1e-4, rtol=0)

@@ -106,9 +106,9 @@ def test_vision_language_module_names_merge_like_the_text_models(hybrid_model_di
     assert_merged_alike(load_engine_model(model_dir), text, nested)
 
 
-def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_merge(
-        hybrid_model_dirs, tmp_path):
-    model_dir = hybrid_model_dirs["qwen3_5_moe-text"]
+def moe_service_factors(model_dir) -> dict[str, torch.Tensor]:
+    """A Qwen3.5-MoE adapter in the service's format: every layer's experts (3-D), router,
+    shared expert and its gate; some mixers' projections; the head as `unembed_tokens`."""
     cfg, g = load_model_config(model_dir), torch.Generator().manual_seed(4)
     h, shared, spec = cfg.hidden_size, cfg.intermediate_size, cfg.linear_attention
     tensors = {}
@@ -124,7 +124,14 @@ def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_m
     tensors |= linear_factors("model.layers.1.linear_attn.out_proj", h, spec.value_dim, RANK, g)
     tensors |= linear_factors("model.layers.3.self_attn.o_proj", h, cfg.q_size, RANK, g)
     tensors |= linear_factors("model.unembed_tokens", cfg.vocab_size, h, RANK, g)
-    adapter = write_adapter(tmp_path / "moe", tensors, {"r": RANK, "lora_alpha": ALPHA})
+    return tensors
+
+
+def test_moe_adapter_on_experts_shared_expert_router_and_mixers_matches_a_hand_merge(
+        hybrid_model_dirs, tmp_path):
+    model_dir = hybrid_model_dirs["qwen3_5_moe-text"]
+    adapter = write_adapter(tmp_path / "moe", moe_service_factors(model_dir),
+                            {"r": RANK, "lora_alpha": ALPHA})
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
     # transformers holds Qwen3.5-MoE's experts as Qwen3-MoE's: the same hand merge
@@ -144,4 +151,16 @@ def test_adapters_this_model_cannot_take_are_refused_by_name(module, rows, messa
                f"base_model.model.{module}.lora_B.weight": torch.zeros(rows, RANK)}
     adapter = write_adapter(tmp_path / "bad", tensors, {"r": RANK, "lora_alpha": ALPHA})
     with pytest.raises(CheckpointInvalid, match=message):
+        load_adapter(adapter, load_model_config(model_dir))
+
+
+def test_an_adapter_on_in_proj_qkv_and_a_slice_of_it_is_refused(hybrid_model_dirs, tmp_path):
+    # The rows of in_proj_q would get one delta or both: pokeserve refuses to guess.
+    model_dir = hybrid_model_dirs["qwen3_5-text"]
+    spec, g = load_model_config(model_dir).linear_attention, torch.Generator().manual_seed(0)
+    tensors = split_qkv_factors(model_dir) | linear_factors(
+        "model.layers.1.linear_attn.in_proj_qkv", 2 * spec.key_dim + spec.value_dim, 64, RANK, g)
+    adapter = write_adapter(tmp_path / "both", tensors, {"r": RANK, "lora_alpha": ALPHA})
+    with pytest.raises(CheckpointInvalid, match=r"layers\.1\.linear_attn\.in_proj_[qkv]: a slice "
+                                                r"of model\.layers\.1\.linear_attn\.in_proj_qkv"):
         load_adapter(adapter, load_model_config(model_dir))

@@ -47,6 +47,13 @@ def test_a_character_cut_off_by_the_length_limit_is_released_as_decode_gives_it(
     assert text == tokenizer.decode(cut)
 
 
+def test_a_character_cut_off_by_eos_is_released_as_decode_gives_it_without_the_eos(tokenizer):
+    ids = tokenizer.encode("fox é", add_special_tokens=False)
+    cut, eos = ids[:-1], tokenizer.eos_token_id
+    text, _, _, _ = run(TextPipeline(tokenizer, [5], SamplingParams()), cut + [eos], "stop")
+    assert text == tokenizer.decode(cut)
+
+
 def reasoning_pipeline(tokenizer, prompt: str, **options) -> TextPipeline:
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     return TextPipeline(tokenizer, prompt_ids, SamplingParams(),
