@@ -11,8 +11,11 @@ another: the fastest in-process mode, see engine/core_client.py) and `thread` (t
 a background thread). Then `n` samples of one long prompt against one sample: the
 prompt's one prefill is shared (engine stats count the prompt tokens computed).
 
+With `--batch-invariant` each core mode is measured twice, as it is and with the
+batch-invariant mode on (`inline+invariant`, ...), in turns within each round.
+
     .venv/bin/python scripts/bench_engine.py [--dtypes float32 bfloat16] [--num-prompts 64]
-        [--cores process inline] [--repeats 1] [--model DIR]
+        [--cores process inline] [--repeats 1] [--batch-invariant] [--model DIR]
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
     return results[0]
 
 
-def measure_mode(core: str, model_dir, dtype: torch.dtype, requests, single) -> dict[str, float]:
-    engine = Engine(model_dir, core=core, dtype=dtype, progress=False)
+def measure_mode(mode: str, model_dir, dtype: torch.dtype, requests, single) -> dict[str, float]:
+    """mode: a core mode, `+invariant` for the batch-invariant mode."""
+    core, _, numerics = mode.partition("+")
+    engine = Engine(model_dir, core=core, dtype=dtype, progress=False,
+                    batch_invariant=numerics == "invariant")
     if core == "inline":
         return with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests, single))
     try:
@@ -137,7 +143,7 @@ def best_of(repeats: int, cores: list[str], measure: Callable[[str], dict[str, f
     return best
 
 
-def run(dtype_name: str, num_prompts: int, model_dir, cores: list[str], repeats: int) -> None:
+def run(dtype_name: str, num_prompts: int, model_dir, modes: list[str], repeats: int) -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
@@ -146,18 +152,18 @@ def run(dtype_name: str, num_prompts: int, model_dir, cores: list[str], repeats:
     requests = make_requests(num_prompts, cfg.vocab_size, max_len)
     prompt = requests[0][0]
     single = (prompt, min(128, max_len - len(prompt)))     # the batch-1 decode
-    ours = best_of(repeats, cores,
+    ours = best_of(repeats, modes,
                    lambda core: measure_mode(core, model_dir, dtype, requests, single))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
               "batch-1": bench_generate(hf, [single], 1, 2)}
     del hf
-    for core, rates in ours.items():
+    for mode, rates in ours.items():
         for name, rate in rates.items():
-            print(f"{dtype_name:9s} {core:8s} {name:8s} pokeserve {rate:8.1f} tok/s   "
+            print(f"{dtype_name:9s} {mode:16s} {name:8s} pokeserve {rate:8.1f} tok/s   "
                   f"transformers {theirs[name]:8.1f} tok/s   ratio {rate / theirs[name]:5.2f}x"
                   + "".join(f"   {rate / ours[other][name]:5.2f}x of {other}"
-                            for other in ours if other != core), flush=True)
+                            for other in ours if other != mode), flush=True)
     measure_samples(model_dir, dtype, 16, min(1000, max_len - 1))
 
 
@@ -171,12 +177,16 @@ def main() -> None:
                         help="where the engine core runs: each mode is measured")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of the modes in turn; each mode's best round is shown")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="measure each core mode with the batch-invariant mode on too")
     args = parser.parse_args()
+    modes = [m for core in args.cores
+             for m in ([core, f"{core}+invariant"] if args.batch_invariant else [core])]
     model_dir = args.model or fetch_default_model()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}; model {model_dir}")
     for dtype_name in args.dtypes:
-        run(dtype_name, args.num_prompts, model_dir, args.cores, args.repeats)
+        run(dtype_name, args.num_prompts, model_dir, modes, args.repeats)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         return fn(x)
     if n % tile:
         x = torch.cat((x, x.new_zeros(tile - n % tile, *x.shape[1:])))
-    out = torch.cat([fn(part) for part in x.split(tile)])
+    parts = [fn(part) for part in x.split(tile)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out[:n] if n % tile else out
 
 
