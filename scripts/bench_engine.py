@@ -21,6 +21,7 @@ batch-invariant mode on (`inline+invariant`, ...), in turns within each round.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import random
 import threading
@@ -99,6 +100,13 @@ def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
 
 def measure_mode(mode: str, model_dir, dtype: torch.dtype, requests, single) -> dict[str, float]:
     """mode: a core mode, `+invariant` for the batch-invariant mode."""
+    rates = _measure_new_engine(mode, model_dir, dtype, requests, single)
+    gc.collect()      # an engine and its core refer to each other: free its KV cache now
+    return rates
+
+
+def _measure_new_engine(mode: str, model_dir, dtype: torch.dtype, requests,
+                        single) -> dict[str, float]:
     core, _, numerics = mode.partition("+")
     engine = Engine(model_dir, core=core, dtype=dtype, progress=False,
                     batch_invariant=numerics == "invariant")

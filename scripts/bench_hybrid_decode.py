@@ -2,7 +2,7 @@
 context grows.
 
     .venv/bin/python scripts/bench_hybrid_decode.py [--contexts 256 1024 4096] [--batch 8]
-        [--prefill-contexts 256 1024]
+        [--prefill-contexts 256 1024] [--batch-invariant]
 
 Two random models of one shape (Qwen3.5-9B's proportions at a quarter of its width): the
 hybrid with Qwen3.5's 3:1 layout of Gated DeltaNet and gated attention, and the same
@@ -18,6 +18,10 @@ the attention layers' grows with it (they read every cached key and value).
 Then one prompt's prefill per `--prefill-contexts` length: what a prefix-cache hit of that
 length would have saved, and what a hybrid model, served without prefix caching, pays
 again for every repeat of a prompt.
+
+`--batch-invariant` adds the hybrid in the batch-invariant mode (engine.layers.
+batch_invariant), whose linear-attention layers run the recurrent form for every token,
+a prompt's too: what that costs a prefill (and a decode) against the chunked form.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from engine.layers.attention import AttentionMetadata
+from engine.layers.batch_invariant import enable
 from engine.layers.linear_attention import StateSlotMetadata
 from engine.model_runner import allocate_kv_caches
 from engine.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForCausalLM
@@ -132,6 +137,8 @@ def main() -> None:
                         help="also time one prompt's prefill: what a prefix-cache hit saves")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="add the hybrid in the batch-invariant mode")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="1 on a machine loaded beyond its cores: OpenMP teams then wait "
                              "for each other at every op")
@@ -139,6 +146,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     models = {"hybrid": build(False, dtype), "all-attention": build(True, dtype)}
+    if args.batch_invariant:
+        models["hybrid, batch-invariant"] = build(False, dtype)
+        enable(models["hybrid, batch-invariant"])
     timers = {name: time_mixers(model) for name, model in models.items()}
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.dtype}, batch {args.batch}, "
