@@ -29,6 +29,7 @@ class EngineStats:
     num_preemptions: int              # since start
     num_prefix_cached_tokens: int     # since start
     num_computed_prompt_tokens: int   # since start: prompt positions run through the model
+    num_unmerged_lora_steps: int = 0  # since start: steps on the unmerged base, adapters in slots
 
 
 @dataclass

@@ -59,7 +59,8 @@ def _choose(backend: str, device: torch.device, what: str = "sampler",
 
 def _check_triton(device: torch.device, what: str) -> None:
     if importlib.util.find_spec("triton") is None:
-        raise RuntimeError(f"{what} backend 'triton' needs the triton package, which is not installed")
+        raise RuntimeError(f"{what} backend 'triton' needs the triton package, "
+                           "which is not installed")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"{what} backend 'triton' on device {device.type!r} needs the Triton interpreter: "

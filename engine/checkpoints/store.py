@@ -53,11 +53,13 @@ class CheckpointStore:
     """Thread-safe: it holds no mutable state."""
 
     def __init__(self, root: str | Path | None, base_model_name: str, model_cfg: ModelConfig,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, max_lora_rank: int | None = None) -> None:
+        """`max_lora_rank`: adapters of a higher rank are refused (CheckpointInvalid)."""
         self.root = Path(root).expanduser().resolve() if root is not None else None
         self.base_model_name = base_model_name
         self.model_cfg = model_cfg
         self.allow_pickle = allow_pickle
+        self.max_lora_rank = max_lora_rank
 
     def resolve(self, name: str) -> CheckpointInfo | None:
         """The servable checkpoint `name` means (None: the base model).
@@ -75,7 +77,7 @@ class CheckpointStore:
         for file in (CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE):
             self._check_inside(name, path / file)
         try:
-            config = inspect_adapter(path, self.model_cfg, self.allow_pickle)
+            config = inspect_adapter(path, self.model_cfg, self.allow_pickle, self.max_lora_rank)
             self._check_base_model(config)
         except CheckpointInvalid as e:
             raise CheckpointInvalid(f"Checkpoint `{name}` cannot be served: {e}") from None

@@ -31,11 +31,12 @@ def _kernels_and_signatures() -> list:
     bias_sig = {"logits_ptr": "*fp32", "stride": "i32", "rows_ptr": "*i64", "tokens_ptr": "*i64",
                 "values_ptr": "*fp32", "N": "i32", "V": "i32"}
     mapping = {"rows_ptr": "*i64", "lens_ptr": "*i32", "slots_ptr": "*i64", "M": "i32"}
+    strides = lambda *names: {f"stride_{n}": "i32" for n in names}  # noqa: E731
     shrink_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "t_ptr": "*bf16", **mapping, "K": "i32",
-                  "W": "i32", **{f"stride_{s}": "i32" for s in ("xt", "as", "ak", "aw", "tg", "tm")}}
+                  "W": "i32", **strides("xt", "as", "ak", "aw", "tg", "tm")}
     expand_sig = {"t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **mapping,
                   "starts_ptr": "*i64", "sizes_ptr": "*i64", "R": "i32", "tiles_per_slice": "i32",
-                  **{f"stride_{s}": "i32" for s in ("tg", "tm", "bs", "bn", "br", "yt")}}
+                  **strides("tg", "tm", "bs", "bn", "br", "yt")}
     fp32 = {"x_ptr": "*fp32", "a_ptr": "*fp32", "t_ptr": "*fp32"}
     lora_blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_K": lora.BLOCK_K}
     pivots = {"NUM_PIVOTS": sampling.NUM_PIVOTS, "BLOCK": sampling.BLOCK}

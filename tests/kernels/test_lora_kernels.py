@@ -48,12 +48,14 @@ def definition(x, y, factors, row_slots) -> torch.Tensor:
 ROW_SLOTS = [1, NO_SLOT, 0, 0, 1, 3, NO_SLOT, 1, 0, 1, 1]
 
 
-@pytest.mark.parametrize("row_slots", [ROW_SLOTS, [0, 1, 0, 1, 1]], ids=["gapped-slots", "consecutive-slots"])
+@pytest.mark.parametrize("row_slots", [ROW_SLOTS, [0, 1, 0, 1, 1]],
+                         ids=["gapped-slots", "consecutive-slots"])
 def test_reference_matches_the_definition_row_by_row(row_slots):
     gen = torch.Generator().manual_seed(0)
     factors = make_factors(gen)
     a, b = stack(factors)
-    x, y = torch.randn(len(row_slots), K, generator=gen), torch.randn(len(row_slots), N, generator=gen)
+    x = torch.randn(len(row_slots), K, generator=gen)
+    y = torch.randn(len(row_slots), N, generator=gen)
     mapping = LoraMapping.from_row_slots(row_slots)
     expected = definition(x, y, factors, row_slots)
     lora_ref.expand(lora_ref.shrink(x, a, mapping), b, y, mapping, SLICES)
