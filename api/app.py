@@ -10,6 +10,7 @@ from flask import Flask, Response, jsonify, request
 from api import chat, completions
 from api.chat import render_prompt
 from api.errors import APIError, register_error_handlers
+from api.limits import MAX_BODY_BYTES
 from api.metrics import Metrics
 from api.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from api.state import ServerConfig, ServerState, server_state
@@ -24,6 +25,7 @@ def create_app(engine=None, config: ServerConfig | None = None) -> Flask:
     routes that need it answer 503 and `/health` says the model is loading."""
     app = Flask("pokeserve")
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES   # 413 before the body is read
     state = ServerState(config or ServerConfig(), Metrics())
     if engine is not None:
         state.set_engine(engine)

@@ -2,10 +2,11 @@
 
 The template is the served checkpoint's own `chat_template.jinja` when it ships one,
 else the model's. For a model with a reasoning format (the server's --reasoning-parser,
-else the markers its template writes), the engine's text pipeline splits each choice's
-output: with `separate_reasoning` (the default) the trace goes to `reasoning_content`
-(mirrored as `reasoning`) and the answer to `content`; without, the text stays whole in
-`content` and the trace's tokens are still counted. This module only shapes the deltas.
+else the one the template rendering the request writes), the engine's text pipeline
+splits each choice's output: with `separate_reasoning` (the default) the trace goes to
+`reasoning_content` (mirrored as `reasoning`) and the answer to `content`; without, the
+text stays whole in `content` and the trace's tokens are still counted. This module only
+shapes the deltas.
 
 `reasoning_effort` sets a thinking budget, ceil(effort * reasoning budget) tokens, after
 which the engine forces the format's end marker; the reasoning budget is the server's
@@ -38,16 +39,16 @@ _RENDER_ARGUMENTS = {"add_generation_prompt", "continue_final_message", "tools",
 def create_chat_completion() -> Response:
     job = accept(ChatCompletionRequest)
     req, gen, tokenizer = job.req, job.generation, job.engine.tokenizer
-    fmt = job.model.reasoning_format
-    if req.reasoning_effort is not None and fmt is None:
-        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
-                       "chat template writes no reasoning markers known to pokeserve (a "
-                       "server started with --reasoning-parser names them)",
-                       param="reasoning_effort")
     prompt_text = render_prompt(tokenizer, req.messages, req.chat_template_kwargs,
                                 chat_template=job.model.chat_template, tools=req.tools,
                                 add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message)
+    fmt = server_state().reasoning_format(job.model, req.tools)
+    if req.reasoning_effort is not None and fmt is None:
+        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
+                       "chat template writes no reasoning trace known to pokeserve (a "
+                       "server started with --reasoning-parser names one)",
+                       param="reasoning_effort")
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
     reasoning = None if fmt is None else ReasoningOptions(
         fmt, separate=req.separate_reasoning, budget=_thinking_budget(job, len(prompt_ids)))

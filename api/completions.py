@@ -25,7 +25,7 @@ bp = Blueprint("completions", __name__)
 @dataclass
 class _Prompt:
     ids: list[int]
-    text: str
+    text: str | None   # None: given as token ids, decoded once the engine has taken them
 
 
 @dataclass
@@ -43,7 +43,11 @@ def create_completion() -> Response:
     job = accept(CompletionRequest)
     req, gen, tokenizer = job.req, job.generation, job.engine.tokenizer
     prompts = _prompts(tokenizer, req.prompt)
+    # Submitted before any decoding: the engine refuses ids outside the vocabulary (400),
+    # on which the tokenizer would fail.
     gen.submit([p.ids for p in prompts], job.params, req.n, job.model.checkpoint)
+    for p in prompts:
+        p.text = tokenizer.decode(p.ids, skip_special_tokens=False) if p.text is None else p.text
     completion = _Completion(req, prompts, gen, LogprobFormatter(tokenizer))
     if req.stream:
         return sse_response(completion.chunks(), gen)
@@ -55,8 +59,8 @@ def _prompts(tokenizer, prompt) -> list[_Prompt]:
         prompt = [prompt]
     elif isinstance(prompt[0], int):
         prompt = [prompt]
-    return [_Prompt(tokenizer.encode(p), p) if isinstance(p, str) else
-            _Prompt(p, tokenizer.decode(p, skip_special_tokens=False)) for p in prompt]
+    return [_Prompt(tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(p, None)
+            for p in prompt]
 
 
 class _Completion:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from api.limits import BODY_TOO_LARGE
 from engine.checkpoints.errors import CheckpointIncomplete, CheckpointNotFound
+from engine.outputs import ErrorKind, RequestOutput
 
 log = logging.getLogger("pokeserve.api")
 
 # The OpenAI `type` of each status the server answers with.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                 404: "invalid_request_error", 405: "invalid_request_error",
-                409: "invalid_request_error", 429: "rate_limit_error",
+                409: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error",
                 500: "server_error", 503: "server_error"}
 
 
@@ -50,6 +53,14 @@ def engine_error(exc: ValueError) -> APIError:
     return APIError(400, str(exc))
 
 
+def generation_error(out: RequestOutput) -> APIError:
+    """The response for a request the engine failed after taking it: a checkpoint found
+    broken only when loaded is the user's to fix (400, its own message), the rest a bug."""
+    if out.error_kind is ErrorKind.CHECKPOINT:
+        return APIError(400, out.error, param="model", code="checkpoint_invalid")
+    return APIError(500, f"generation failed: {out.error}")
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(exc: APIError) -> tuple[Response, int]:
@@ -62,9 +73,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        # Flask's own 400 (unreadable body), 404 (no such route), 405 (wrong method).
+        # Flask's own 400 (unreadable body), 404 (no such route), 405 (wrong method), 413.
         status = exc.code or 500
-        return jsonify(APIError(status, exc.description or exc.name).body()), status
+        message = BODY_TOO_LARGE if isinstance(exc, RequestEntityTooLarge) else \
+            exc.description or exc.name
+        return jsonify(APIError(status, message).body()), status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

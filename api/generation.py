@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from api.errors import APIError, ClientGone, engine_error
+from api.errors import ClientGone, engine_error, generation_error
 from api.metrics import Metrics
 from engine import Engine, ReasoningOptions, RequestOutput, RequestStream, SamplingParams
 from engine.checkpoints.store import CheckpointInfo
@@ -132,5 +132,5 @@ class Generation:
         if out.finished:
             choice.finished, choice.finish_reason = True, out.finish_reason
             if out.finish_reason == "error":
-                raise APIError(500, f"generation failed: {out.error}")
+                raise generation_error(out)
             self.metrics.e2e.observe(now - choice.submitted)

@@ -2,21 +2,71 @@
 
 Types are strict (a string where a number belongs is an error, as in the OpenAI API);
 unknown fields are accepted and ignored, which is how the SDK's `extra_body` arrives.
-Ranges that `SamplingParams` already checks are left to it, so each rule lives once.
+Ranges that `SamplingParams` already checks are left to it, and token ids to the engine
+(it knows the vocabulary), so each rule lives once; what is checked here is the HTTP
+layer's own: the body's nesting and text, the bounds of `api.limits`, and the shape of
+chat messages (text only, whatever the model).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from api import limits
 from api.errors import APIError
+from api.limits import MAX_LOGPROBS
 from engine import SamplingParams
 from engine.text.reasoning import parse_reasoning_effort
 
-MAX_LOGPROBS = 20
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Message fields that chat templates read as text, when a message has them.
+_TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
+_TEXT_PART = '{"type": "text", "text": "..."}'
+# JSON's \\u escapes can write halves of a UTF-16 pair alone, which are not text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN = frozenset({int, float, bool, type(None)})   # JSON values with no text, no nesting
+
+
+def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}.role must be a string")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}")
+        _check_content(message.get("content"), f"{where}.content")
+        for key in _TEXT_FIELDS:
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise ValueError(f"{where}.{key} must be a string")
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list)
+                                      and all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"{where}.tool_calls must be a list of objects")
+    return messages
+
+
+def _check_content(content: Any, where: str) -> None:
+    """A string, or a list of text parts: this server serves text, for every model."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ValueError(f"{where} must be a string or a list of parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" and isinstance(kind, str):
+            raise ValueError(f"{where}[{j}] has type {kind[:40]!r}, but this server serves "
+                             f"text only: content parts must be {_TEXT_PART}")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{j}]: content parts must be {_TEXT_PART}")
+
+
+Messages = Annotated[list[dict[str, Any]],
+                     Field(min_length=1, max_length=limits.MAX_MESSAGES),
+                     AfterValidator(_check_messages)]
 
 
 class _Request(BaseModel):
@@ -36,14 +86,14 @@ class _GenerationRequest(_Request):
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=limits.MAX_N)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=limits.MAX_STOP_TOKEN_IDS)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=limits.MAX_LOGIT_BIAS)
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
@@ -51,6 +101,17 @@ class _GenerationRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounds(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > limits.MAX_STOP_STRINGS:
+            raise ValueError(f"at most {limits.MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(len(s) > limits.MAX_STOP_STRING_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {limits.MAX_STOP_STRING_CHARS} "
+                             "characters")
+        return stop
 
     @property
     def include_usage(self) -> bool:
@@ -83,7 +144,7 @@ class _GenerationRequest(_Request):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Any = None
+    prompt: Any
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -100,12 +161,22 @@ class CompletionRequest(_GenerationRequest):
             return value
         if isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
                                                   or all(ints(p) for p in value)):
+            if len(value) > limits.MAX_PROMPTS:
+                raise ValueError(f"at most {limits.MAX_PROMPTS} prompts, got {len(value)}")
             return value
         raise ValueError("prompt must be a string, a list of strings, a non-empty list of "
                          "token ids, or a list of such lists")
 
+    @property
+    def num_prompts(self) -> int:
+        nested = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return len(self.prompt) if nested else 1
+
     def to_sampling_params(self) -> SamplingParams:
         self.check()
+        if self.num_prompts * self.n > limits.MAX_CHOICES:
+            raise APIError(400, f"prompts x n may be at most {limits.MAX_CHOICES}, got "
+                           f"{self.num_prompts} x {self.n}", param="n")
         if self.reasoning_effort is not None:
             raise APIError(400, "reasoning_effort is only supported on /v1/chat/completions",
                            param="reasoning_effort")
@@ -115,28 +186,17 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: Messages
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=limits.MAX_TOOLS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     separate_reasoning: bool = True
     reasoning_effort: Any = None   # a name or a number; validated to a float in [0, 1]
     response_format: dict[str, Any] | None = None   # accepted; not enforced
-
-    @field_validator("messages")
-    @classmethod
-    def _message_shape(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, message in enumerate(messages):
-            if not isinstance(message.get("role"), str):
-                raise ValueError(f"messages[{i}].role must be a string")
-            content = message.get("content")
-            if content is not None and not isinstance(content, (str, list)):
-                raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        return messages
 
     @field_validator("reasoning_effort")
     @classmethod
@@ -162,7 +222,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: Messages | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -177,10 +237,13 @@ def parse_request(model: type[_Request], raw: bytes) -> Any:
     """Validate a raw JSON body into `model`; an APIError (400) naming the first bad field."""
     try:
         body = json.loads(raw)
+    except RecursionError:   # the parser's own bound, far above ours
+        raise APIError(400, _too_deep(None)) from None
     except ValueError as exc:   # includes bad UTF-8
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_json(body)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -189,3 +252,39 @@ def parse_request(model: type[_Request], raw: bytes) -> Any:
         message = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{field}: {message}" if field else message,
                        param=str(err["loc"][0]) if err["loc"] else None) from None
+
+
+def _check_json(body: dict) -> None:
+    """400 for a body nested more than MAX_JSON_DEPTH deep or holding a string that is not
+    Unicode text, naming the top-level field it is in. A stack, not recursion."""
+    # (container, its depth, the top-level field it is in)
+    stack: list[tuple[dict | list, int, str | None]] = [(body, 1, None)]
+    while stack:
+        container, depth, field = stack.pop()
+        if depth > limits.MAX_JSON_DEPTH:
+            raise APIError(400, _too_deep(field), param=field)
+        if isinstance(container, dict):
+            pairs = container.items()
+        elif _PLAIN.issuperset(map(type, container)):
+            continue   # numbers only, token ids say: nothing inside to check (a fast test)
+        else:
+            pairs = ((None, v) for v in container)
+        for key, child in pairs:
+            where = field or key
+            _check_text(key, where)
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1, where))
+            else:
+                _check_text(child, where)
+
+
+def _check_text(value: Any, field: str) -> None:
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise APIError(400, f"{field}: a string holds a lone UTF-16 surrogate (a \\ud800 to "
+                       "\\udfff escape without its pair), which is not text", param=field)
+
+
+def _too_deep(field: str | None) -> str:
+    where = f"{field}: " if field else ""
+    return (f"{where}the request body nests arrays and objects more than "
+            f"{limits.MAX_JSON_DEPTH} levels deep")

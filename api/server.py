@@ -6,10 +6,15 @@ thread loads the model (the engine's core runs in a process of its own) and then
 for Ctrl-C or SIGTERM, or for the core to die. Each
 streaming client holds one waitress thread for its whole stream, so the pool is sized
 well above the engine's batch. `channel_request_lookahead` lets waitress notice a client
-that hangs up while its request is still running, so its sequences are aborted."""
+that hangs up while its request is still running, so its sequences are aborted.
+
+Waitress refuses a body over `MAX_BODY_BYTES` as soon as it sees its length, before
+buffering it; its own refusals (that 413, malformed HTTP, headers too large) go out in
+the OpenAI error shape like every other response."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -17,8 +22,12 @@ import threading
 from collections.abc import Callable
 
 from waitress import create_server
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
 from api.app import create_app
+from api.errors import APIError
+from api.limits import BODY_TOO_LARGE, MAX_BODY_BYTES
 from api.state import ServerConfig
 
 log = logging.getLogger("pokeserve.server")
@@ -29,9 +38,11 @@ def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, po
     """Serve until interrupted (Ctrl-C or SIGTERM); return the process exit status."""
     app = create_app(None, config)
     state = app.extensions["pokeserve"]
+    # Waitress refuses bodies of max_request_body_size bytes or more.
     server = create_server(app, host=host, port=port, threads=threads,
                            channel_request_lookahead=1, connection_limit=max(100, 2 * threads),
-                           ident="pokeserve")
+                           max_request_body_size=MAX_BODY_BYTES + 1, ident="pokeserve")
+    server.channel_class = _Channel
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` shuts down as cleanly as Ctrl-C
     threading.Thread(target=server.run, name="pokeserve-http", daemon=True).start()
     log.info("listening on http://%s:%s (loading the model)", host, server.effective_port)
@@ -59,6 +70,24 @@ def serve(load_engine: Callable[[], object], config: ServerConfig, host: str, po
         server.close()
         if state.engine is not None:
             state.engine.shutdown()
+
+
+class _ErrorTask(ErrorTask):
+    """Waitress's answer to a request it refuses itself, in the OpenAI error shape."""
+
+    def execute(self) -> None:
+        error = self.request.error   # a waitress.utilities.Error: code, reason, body
+        message = BODY_TOO_LARGE if error.code == 413 else f"{error.reason}: {error.body}"
+        body = json.dumps(APIError(error.code, message).body()).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _ErrorTask
 
 
 def _interrupt(signum: int, frame: object) -> None:

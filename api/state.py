@@ -1,6 +1,6 @@
 """What every route shares: the server's options, the engine (once loaded), the metrics,
 and the resolution of a request's `model` to the base model or a checkpoint, with the
-chat template and reasoning format that go with it."""
+chat template that goes with it, and the reasoning format of the template in use."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from engine import Engine
 from engine.checkpoints.errors import CheckpointError
 from engine.checkpoints.store import CheckpointInfo
 from engine.sampling_params import SamplingParams
-from engine.text.reasoning import ReasoningFormat, detect_reasoning_format, reasoning_format_by_name
+from engine.text.reasoning import (
+    PROBE_MESSAGES,
+    ReasoningFormat,
+    detect_reasoning_format,
+    reasoning_format_by_name,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,6 @@ class ServerConfig:
 class ResolvedModel:
     checkpoint: CheckpointInfo | None   # resolved once per request; None: the base model
     chat_template: str | None   # the checkpoint's own template, else None (the model's)
-    reasoning_format: ReasoningFormat | None = None   # None: no separable trace
 
 
 @dataclass
@@ -82,25 +86,27 @@ class ServerState:
         being written, 400 invalid."""
         engine = self.require_engine()
         if name in self.base_names or name in (engine.model_name, str(engine.model_dir)):
-            return self._resolved(None, None)
+            return ResolvedModel(None, None)
         try:
             info = engine.checkpoints.resolve(name)
         except CheckpointError as exc:
             raise engine_error(exc) from None
         if info is None:
-            return self._resolved(None, None)
+            return ResolvedModel(None, None)
         template = info.chat_template.read_text() if info.chat_template else None
-        return self._resolved(info, template)
+        return ResolvedModel(info, template)
 
-    def _resolved(self, checkpoint: CheckpointInfo | None,
-                  chat_template: str | None) -> ResolvedModel:
-        """The reasoning format is the server's --reasoning-parser, else the one whose
-        markers the template in use writes (the checkpoint's own, else the model's)."""
+    def reasoning_format(self, model: ResolvedModel,
+                         tools: list[dict] | None) -> ReasoningFormat | None:
+        """The server's --reasoning-parser, else the format of the template that renders
+        this request: the checkpoint's own, else the model's, of whose named templates
+        `tools` may pick another."""
         if self.config.reasoning_parser is not None:
-            fmt = reasoning_format_by_name(self.config.reasoning_parser)
-        else:
-            fmt = detect_reasoning_format(chat_template or _model_template(self.engine.tokenizer))
-        return ResolvedModel(checkpoint, chat_template, fmt)
+            return reasoning_format_by_name(self.config.reasoning_parser)
+        tokenizer = self.engine.tokenizer
+        return detect_reasoning_format(lambda thinking: tokenizer.render_chat(
+            list(PROBE_MESSAGES), chat_template=model.chat_template, tools=tools,
+            enable_thinking=thinking))
 
     def model_cards(self) -> list[dict]:
         """`/v1/models` entries: the base model's names, then every complete checkpoint."""
@@ -111,12 +117,6 @@ class ServerState:
         cards += [{**card, "id": info.name, "created": int(info.created), "root": str(info.path),
                    "parent": self.base_names[0]} for info in engine.checkpoints.list()]
         return cards
-
-
-def _model_template(tokenizer) -> str | None:
-    """The model's own chat template; of a set of named ones, the default."""
-    template = tokenizer.hf.chat_template
-    return template.get("default") if isinstance(template, dict) else template
 
 
 def server_state() -> ServerState:

@@ -12,7 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from engine.outputs import RequestStream, TopLogprobs
+from engine.checkpoints.errors import CheckpointInvalid
+from engine.outputs import ErrorKind, RequestStream, TopLogprobs
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ def _collect(streams: list[RequestStream], with_topk: bool) -> SampleResponse:
     for stream in streams:
         seq = SampledSequence()
         for out in stream:
+            if out.error_kind is ErrorKind.CHECKPOINT:
+                raise CheckpointInvalid(out.error)
             if out.finish_reason in ("error", "abort"):
                 raise RuntimeError(f"sampling failed: {out.error or 'the request was aborted'}")
             seq.tokens += out.token_ids

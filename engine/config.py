@@ -45,6 +45,7 @@ class ModelConfig:
     qkv_bias: bool          # Qwen2: bias on q/k/v projections
     qk_norm: bool           # Qwen3: per-head RMSNorm on q and k
     eos_token_ids: tuple[int, ...]
+    quantization: str | None   # quantization_config.quant_method ("mxfp4": gpt-oss's experts)
 
     @property
     def q_size(self) -> int:
@@ -87,6 +88,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
             qk_norm=model_type == "qwen3",
             eos_token_ids=eos_ids,
+            quantization=(cfg.get("quantization_config") or {}).get("quant_method"),
         )
 
 

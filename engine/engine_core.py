@@ -26,14 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.block_manager import BlockManager
+<<<<<<< HEAD
 from engine.checkpoints.lora_serving import LoraServing
+=======
+from engine.checkpoints.errors import CheckpointError
+>>>>>>> main
 from engine.checkpoints.merge import LoraManager
 from engine.config import EngineConfig
 from engine.messages import AbortRequest, AddRequest, Shutdown, StepOutputs
 from engine.model_runner import ModelRunner, kv_cache_block_bytes
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, ErrorKind, RequestOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SequenceUpdate
 from engine.sequence import Sequence
 from engine.text.pipeline import TextPipeline
@@ -218,8 +222,14 @@ class EngineCore:
 
     @staticmethod
     def _error(sample_id: str, exc: BaseException) -> RequestOutput:
-        return RequestOutput(sample_id, finished=True, finish_reason="error",
-                             error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+        # A checkpoint found broken only when loaded (NaN factors, say) is the request's
+        # problem, told in the checkpoint's own words; anything else is a bug of ours.
+        if isinstance(exc, CheckpointError):
+            kind, error = ErrorKind.CHECKPOINT, str(exc)
+        else:
+            kind, error = ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"
+        return RequestOutput(sample_id, finished=True, finish_reason="error", error=error,
+                             error_kind=kind)
 
     @staticmethod
     def _finished(seq: Sequence, reason: str) -> RequestOutput:

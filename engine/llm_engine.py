@@ -30,7 +30,7 @@ from engine.core_client import ProcessCore, ThreadCore
 from engine.messages import AbortRequest, AddRequest, CoreSpec, StepOutputs
 from engine.models.default_model import fetch_default_model
 from engine.models.registry import load_model_config
-from engine.outputs import EngineStats, RequestOutput, RequestStream
+from engine.outputs import EngineStats, ErrorKind, RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from engine.text.pipeline import ReasoningOptions
 from engine.text.tokenizer import Tokenizer
@@ -97,7 +97,8 @@ class Engine:
                 for stream in streams:
                     stream.put(RequestOutput(stream.request_id, finished=True,
                                              finish_reason="error", error=f"request id "
-                                             f"{taken[0].request_id!r} is already in use"))
+                                             f"{taken[0].request_id!r} is already in use",
+                                             error_kind=ErrorKind.INTERNAL))
                 return streams
             self._streams.update((s.request_id, s) for s in streams)
             self._core.send(msg)
@@ -154,7 +155,8 @@ class Engine:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream.put(RequestOutput(stream.request_id, finished=True, finish_reason="error",
-                                     error=reason or "the engine has shut down"))
+                                     error=reason or "the engine has shut down",
+                                     error_kind=ErrorKind.INTERNAL))
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams, num_samples: int) -> None:
         params.validate()
@@ -165,8 +167,11 @@ class Engine:
             raise ValueError("the prompt must contain at least one token")
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        # Ids past the vocabulary would index past the logits row and fail the whole batch.
+        for name, ids in (("logit_bias keys", params.logit_bias),
+                          ("stop_token_ids", params.stop_token_set)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} must be token ids in [0, {vocab})")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise ValueError(

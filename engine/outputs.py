@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import queue
 from dataclasses import dataclass, field
 
 # (token_id, logprob) pairs, most likely first.
 TopLogprobs = list[tuple[int, float]]
+
+
+class ErrorKind(enum.Enum):
+    """Whose problem a failed request is, so that callers need not read the message."""
+
+    CHECKPOINT = "checkpoint"   # its checkpoint cannot be served (found broken when loaded)
+    INTERNAL = "internal"       # a bug in the engine
 
 
 @dataclass
@@ -52,7 +60,7 @@ class RequestOutput:
     finish_reason: str | None = None                   # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None               # the stop string or token id that matched
     error: str | None = None
-    error_type: str | None = None                      # the exception's class name
+    error_kind: ErrorKind | None = None                # set with finish_reason "error"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0                         # prompt tokens served by the prefix cache
     prompt_logprobs: list[float | None] | None = None  # first record only; entry 0 is None

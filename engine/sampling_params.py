@@ -3,11 +3,19 @@
 `SamplingParams` mirrors the native sampling API's field names (checkpoints.md) and
 adds the OpenAI knobs the HTTP layer passes through. `stop=None` keeps the implicit
 EOS stop; `stop=[]` disables every stop, EOS included.
+
+`validate` holds the ranges, those of the OpenAI reference and vLLM: every number
+finite, temperature in [0, 2], the seed an int64, top_k an int32 (the sampler's
+tensors). Token ids are the engine's to check: only it knows the vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field
+
+_INT32_END, _INT64_END = 2**31, 2**63
 
 
 @dataclass
@@ -59,24 +67,26 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+            raise ValueError(f"{name} {why}, got {reprlib.repr(getattr(self, name))}")
 
         if self.max_tokens is not None and self.max_tokens < 1:
             bad("max_tokens", "must be at least 1")
-        if not self.temperature >= 0.0:
-            bad("temperature", "must be >= 0")
+        if not 0.0 <= self.temperature <= 2.0:   # NaN fails every comparison
+            bad("temperature", "must be in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            bad("top_k", "must be -1, 0 (off) or positive")
+        if not -1 <= self.top_k < _INT32_END:
+            bad("top_k", f"must be -1, 0 (off) or positive, below {_INT32_END}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", "must be > 0")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            bad("repetition_penalty", "must be a finite number > 0")
+        if self.seed is not None and not -_INT64_END <= self.seed < _INT64_END:
+            bad("seed", "must be a 64-bit integer")
         if self.min_tokens < 0:
             bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -39,6 +39,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_harmony_model_dir(tmp_path_factory) -> Path:
+    """A tiny random gpt-oss with a harmony tokenizer and chat template (tests/tiny_models.py)."""
+    from tests.tiny_models import save_tiny_harmony_model
+
+    return save_tiny_harmony_model(tmp_path_factory.mktemp("tiny-harmony") / "gpt-oss")
+
+
+@pytest.fixture(scope="session")
 def tiny_moe_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """The tiny Qwen3-MoE in both weight layouts: `hub` (one tensor per expert, as
     `save_pretrained` writes) and `fused` (transformers' in-memory 3-D tensors)."""
@@ -47,3 +55,11 @@ def tiny_moe_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-moe")
     hub = save_tiny_model(moe_config(), root / "hub")
     return {"hub": hub, "fused": save_state_dict_copy(hub, root / "fused")}
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_mxfp4_dir(tiny_harmony_model_dir) -> Path:
+    """The tiny gpt-oss with random MXFP4 experts, as hub checkpoints store them."""
+    from tests.tiny_models import save_mxfp4_copy
+
+    return save_mxfp4_copy(tiny_harmony_model_dir, tiny_harmony_model_dir.parent / "mxfp4")

@@ -1,11 +1,14 @@
 """Tiny random models of each supported family, saved as Hugging Face directories.
 
 Each directory also gets a small byte-level BPE tokenizer trained on the spot, so the
-engine can load it like a real model without anything from a hub.
+engine can load it like a real model without anything from a hub. gpt-oss gets one with
+the harmony format's special tokens and a chat template that writes that format (the
+real o200k-harmony tokenizer cannot be fetched here).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,17 +53,23 @@ def moe_config():
 
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     """Saved with `save_pretrained` (MoE experts: one tensor per expert, as on the hub)."""
+    config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
+    _save_random_model(config, path, seed)
+    return path
+
+
+def _save_random_model(config, path: Path, seed: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make the random model less flat, so greedy choices are clear-cut
-        for p in model.parameters():
-            if p.dim() >= 2:
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:   # matrices, and the experts' stacks of them
                 p.normal_(0.0, 0.08)
+            elif config.model_type == "gpt_oss" and name.endswith(("bias", "sinks")):
+                p.normal_(0.0, 0.5)   # zero or near it at init: make them matter
     model.save_pretrained(path)
-    return path
 
 
 def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
@@ -76,17 +85,120 @@ def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
     return path
 
 
-def save_tiny_tokenizer(path: Path) -> int:
-    """Train and save the tokenizer; returns its vocabulary size."""
+def save_tiny_tokenizer(path: Path, special_tokens: tuple[str, ...] = ("<eos>", "<bos>"),
+                        corpus: list[str] = _CORPUS, **named_tokens) -> int:
+    """Train and save the tokenizer; returns its vocabulary size. `named_tokens`: its
+    eos/bos/pad tokens (default `<eos>`, `<bos>`, `<eos>`) and its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>",
-                            pad_token="<eos>").save_pretrained(path)
+    tok.train_from_iterator(corpus, trainer)
+    named = {"eos_token": "<eos>", "bos_token": "<bos>", "pad_token": "<eos>", **named_tokens}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **named).save_pretrained(path)
     return tok.get_vocab_size()
+
+
+# --- gpt-oss and the harmony format ---------------------------------------------------
+
+HARMONY_SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftext|>", "<|start|>", "<|end|>",
+                          "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
+# The harmony format as gpt-oss's hub template writes it (after OpenAI's public harmony
+# docs), without tools and without the current date (so renders are reproducible): the
+# system message carries the reasoning effort, a system prompt becomes the developer's
+# instructions, earlier turns keep only their final answer, and the prompt ends with
+# the opened assistant header.
+HARMONY_CHAT_TEMPLATE = """\
+{%- set ns = namespace(last_user=-1) -%}
+{%- for message in messages -%}
+  {%- if message.role == "user" -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+
+Reasoning: {{ reasoning_effort if reasoning_effort is defined else "medium" }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
+{%- for message in messages -%}
+  {%- if message.role in ("system", "developer") -%}
+<|start|>developer<|message|># Instructions
+
+{{ message.content }}<|end|>
+  {%- elif message.role == "assistant" -%}
+    {%- if message.thinking and loop.index0 > ns.last_user -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ message.thinking }}<|end|>
+    {%- endif -%}
+<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+  {%- else -%}
+<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"""
+_HARMONY_CORPUS = _CORPUS + [
+    "analysis final commentary assistant user developer system Reasoning: low medium high",
+    "User asks what two plus two is. The answer is four. Let me think about it.",
+    "You are ChatGPT, a large language model trained by OpenAI. Knowledge cutoff: 2024-06",
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.",
+    "# Instructions to=functions.get_weather json {\"location\": \"Paris\"} caf\u00e9 \u00fcber",
+] * 10
+
+
+def gpt_oss_config(**overrides):
+    """A tiny gpt-oss: sinks, a sliding layer (window 8, shorter than the test prompts)
+    then a full one, 4 experts (top 2) and YaRN over an original context of 64."""
+    from transformers import GptOssConfig
+
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"],
+                  max_position_embeddings=256, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                   "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                   "original_max_position_embeddings": 64})
+    return GptOssConfig(**{**fields, **overrides})
+
+
+def save_tiny_harmony_model(path: Path, seed: int = 0, **config_overrides) -> Path:
+    """A tiny random gpt-oss with the harmony tokenizer; `<|return|>`, `<|endoftext|>` and
+    `<|call|>` end a sequence, as in gpt-oss's generation config."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_size = save_tiny_tokenizer(path, HARMONY_SPECIAL_TOKENS, _HARMONY_CORPUS,
+                                     eos_token="<|return|>", bos_token="<|startoftext|>",
+                                     pad_token="<|endoftext|>",
+                                     chat_template=HARMONY_CHAT_TEMPLATE)
+    to_id = PreTrainedTokenizerFast.from_pretrained(path).convert_tokens_to_ids
+    eos = [to_id("<|return|>"), to_id("<|endoftext|>"), to_id("<|call|>")]
+    config = gpt_oss_config(vocab_size=vocab_size, eos_token_id=eos,
+                            pad_token_id=to_id("<|endoftext|>"), **config_overrides)
+    _save_random_model(config, path, seed)
+    return path
+
+
+def save_mxfp4_copy(model_dir: Path, path: Path, seed: int = 0) -> Path:
+    """`model_dir`'s gpt-oss with its experts replaced by random MXFP4 weights, stored as
+    the hub stores them (`*_blocks`, `*_scales`, and `quant_method` "mxfp4" in config.json)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = load_file(model_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        num_experts, in_dim, out_dim = tensors.pop(name).shape                 # input-major
+        groups = (num_experts, out_dim, in_dim // 32)
+        tensors[name + "_blocks"] = torch.randint(0, 256, (*groups, 16), generator=gen,
+                                                  dtype=torch.uint8)
+        # Scales of 2**-9 to 2**-6: weights up to 6/64, about as large as the bf16 ones.
+        tensors[name + "_scales"] = torch.randint(118, 122, groups, generator=gen,
+                                                  dtype=torch.uint8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

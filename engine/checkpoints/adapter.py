@@ -10,13 +10,14 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
 - PEFT: `base_model.model.<m>.lora_A.weight`; the input embedding as
   `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
 - the training service: the output head as `model.unembed_tokens` (means `lm_head`),
+  a layer's attention as `<layer>.attn` in gpt-oss adapters (means `self_attn`),
   the input embedding with plain `lora_A.weight` / `lora_B.weight`, and the experts of
   a MoE layer as 3-D factors `<layer>.mlp.experts.w1` (gate_proj), `w3` (up_proj) and
   `w2` (down_proj): A [E or 1, r, in] and B [E or 1, out, r], where a leading 1 is one
   factor shared by every expert. Expert e's delta is `B[e] @ A[e]`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
-delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, a linear layer hidden -> E)
-merges like any other linear module.
+delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`: a linear
+layer hidden -> E) merges like any other linear module.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
 # The training service's names for the expert projections of a MoE layer.
 EXPERT_MODULES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _EXPERT_MODULE = re.compile(r"\.experts\.(w[123])$")
+# ... and for a layer's attention in gpt-oss adapters (`model.layers.3.attn.q_proj`).
+_ATTENTION_ALIAS = re.compile(r"^(model\.layers\.\d+)\.attn\.")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 _LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
@@ -199,6 +202,7 @@ def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) 
     """The served model's module for an adapter's module name; refuses what we cannot merge."""
     served = MODULE_ALIASES.get(name, name)
     served = _EXPERT_MODULE.sub(lambda m: f".experts.{EXPERT_MODULES[m[1]]}", served)
+    served = _ATTENTION_ALIAS.sub(r"\1.self_attn.", served)
     if served in targets:
         return served
     match = _LAYER.match(name)

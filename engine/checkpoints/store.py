@@ -124,6 +124,7 @@ class CheckpointStore:
             path = self.root / name   # an absolute `name` replaces the root
         try:
             resolved = path.resolve()   # follows symlinks, so their targets are checked too
+            resolved.stat()   # a name too long for the filesystem fails here, not later
         except (OSError, RuntimeError):
             raise CheckpointNotFound(name) from None
         if resolved == self.root:

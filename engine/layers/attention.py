@@ -8,7 +8,14 @@ in block `table[j // block_size]`, row `j % block_size`. Heads come first so tha
 gathering a batch's blocks gives each head's keys contiguously, ready for a batched
 matmul without another copy. Each step first writes the new tokens' k/v into their
 slots, then every query attends to all of its sequence's cached tokens up to and
-including its own position.
+including its own position (a sliding-window layer: only the last `window` of them).
+
+Two gpt-oss features ride on the same paths. A sliding window is one more mask over the
+same gathered blocks: the cache is shared by all layers, so a sliding layer still reads
+(and keeps) every block of the sequence. Attention *sinks* are a learned logit per head
+that joins each query's softmax and carries no value, so the weights of the real keys
+sum to less than one; SDPA has no such term, so attention with sinks takes the explicit
+path (transformers runs gpt-oss without SDPA too).
 
 Attention runs per *group*: decodes (one query each) are batched into at most two
 groups of similar context length, so that short sequences do not gather the padding
@@ -17,7 +24,7 @@ of long ones; each prefill chunk is a group of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +40,24 @@ class AttentionGroup:
     start: int
     num_seqs: int
     num_queries: int
+    block_size: int
     block_tables: torch.Tensor   # [num_seqs, num_blocks], enough blocks for the longest
-    mask: torch.Tensor           # [num_seqs, 1, num_queries, num_blocks * block_size]
+    context_lens: torch.Tensor   # [num_seqs]
     # Gathered k and v, allocated by the first layer and refilled by every other one.
     kv: torch.Tensor | None = None
+    # Masks by sliding window (None: full attention), built by the first layer that needs one.
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rows(self) -> slice:
         return slice(self.start, self.start + self.num_seqs * self.num_queries)
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """bool [num_seqs, 1, num_queries, num_blocks * block_size]: the keys each query sees."""
+        if window not in self.masks:
+            num_keys = self.block_tables.shape[1] * self.block_size
+            self.masks[window] = _mask(self.context_lens, self.num_queries, num_keys, window)
+        return self.masks[window]
 
 
 @dataclass
@@ -73,9 +90,9 @@ class AttentionMetadata:
             num_queries = self.query_lens[first]
             num_blocks = -(-max(lens[first:end]) // self.block_size)
             self.groups.append(AttentionGroup(
-                start, end - first, num_queries, self.block_tables[first:end, :num_blocks],
-                _mask(torch.tensor(lens[first:end], device=self.block_tables.device), num_queries,
-                      num_blocks * self.block_size)))
+                start, end - first, num_queries, self.block_size,
+                self.block_tables[first:end, :num_blocks],
+                torch.tensor(lens[first:end], device=self.block_tables.device)))
             start += (end - first) * num_queries
 
 
@@ -103,13 +120,18 @@ def _split_decodes(lens: list[int], start: int = 0, end: int | None = None,
             + _split_decodes(lens, best, end, splits - 1))
 
 
-def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
+def _mask(context_lens: torch.Tensor, num_queries: int, num_keys: int,
+          window: int | None) -> torch.Tensor:
     """bool [num_seqs, 1, num_queries, num_keys]: query i (the last `num_queries` tokens of
-    its sequence) sees every cached key at or before its own position."""
-    key_pos = torch.arange(num_keys, device=context_lens.device)                   # [L]
+    its sequence) sees every cached key at or before its own position, and with a sliding
+    window only the last `window` of those (itself included), as transformers' mask does."""
+    key_pos = torch.arange(num_keys, device=context_lens.device)[None, None, :]    # [1, 1, L]
     query_pos = (context_lens[:, None] - num_queries
-                 + torch.arange(num_queries, device=context_lens.device))         # [S, Q]
-    return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+                 + torch.arange(num_queries, device=context_lens.device))[:, :, None]  # [S, Q, 1]
+    seen = key_pos <= query_pos
+    if window is not None:
+        seen &= key_pos > query_pos - window
+    return seen.unsqueeze(1)
 
 
 def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -118,24 +140,29 @@ def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tenso
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim] (a view is fine) -> a new tensor of that shape."""
-    outs = [_attend(q[g.rows].view(g.num_seqs, g.num_queries, *q.shape[1:]), kv_cache, g, scale)
-            .reshape(-1, *q.shape[1:]) for g in meta.groups]
+                    scale: float, sinks: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] (a view is fine) -> a new tensor of that shape.
+
+    sinks: [num_heads], one extra logit per head (gpt-oss); window: a sliding-window
+    layer's span in tokens (None: full attention)."""
+    outs = [_attend(q[g.rows].view(g.num_seqs, g.num_queries, *q.shape[1:]), kv_cache, g, scale,
+                    sinks, window).reshape(-1, *q.shape[1:]) for g in meta.groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup,
-            scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, scale: float,
+            sinks: torch.Tensor | None, window: int | None) -> torch.Tensor:
     """q: [num_seqs, num_queries, num_heads, head_dim], the last queries of each sequence."""
     group.kv = _gather_blocks(kv_cache, group.block_tables, out=group.kv)    # [2 * KVH, S, L, D]
     k, v = group.kv.chunk(2)
+    mask = group.mask(window)
     # For one query per sequence, PyTorch's CPU SDPA kernel is about 3x slower than two
     # plain matmuls in half precision, and a little slower in float32: see BENCHMARKS.md.
-    if q.device.type == "cpu" and q.shape[1] == 1:
-        return _single_query_attention(q[:, 0], k, v, group.mask, scale).unsqueeze(1)
+    if sinks is not None or (q.device.type == "cpu" and q.shape[1] == 1):
+        return _explicit_attention(q, k, v, mask, scale, sinks)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=group.mask, scale=scale, enable_gqa=True)
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)                                              # [S, Q, H, D]
 
 
@@ -154,16 +181,29 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
     return picked.view(heads, num_seqs, num_blocks * block_size, head_dim)
 
 
-def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA's math written out for q: [S, H, D], k and v: [KVH, S, L, D] -> [S, H, D].
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """SDPA's math written out, plus the sinks, for q: [S, Q, H, D], k and v: [KVH, S, L, D]
+    and mask: [S, 1, Q, L] -> [S, Q, H, D].
 
     As in transformers' eager attention, the scores stay in q's dtype and the softmax
     accumulates in float32."""
-    num_seqs, num_heads, head_dim = q.shape
-    # Query heads grouped by the kv head they share (head h uses kv head h // G): [KVH, S, G, D]
-    q = (q * scale).reshape(num_seqs, k.shape[0], -1, head_dim).transpose(0, 1)
-    scores = q @ k.transpose(-1, -2)                                        # [KVH, S, G, L]
-    scores.masked_fill_(~mask.transpose(0, 1), float("-inf"))               # mask: [S, 1, 1, L]
-    out = scores.softmax(dim=-1) @ v                                        # [KVH, S, G, D]
-    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+    num_seqs, num_queries, num_heads, head_dim = q.shape
+    kv_heads = k.shape[0]
+    group = num_heads // kv_heads
+    # Query heads grouped by the kv head they share (head h uses kv head h // G), each
+    # group's queries side by side so one matmul per kv head serves them: [KVH, S, G * Q, D]
+    q = (q * scale).view(num_seqs, num_queries, kv_heads, group, head_dim)
+    q = q.permute(2, 0, 3, 1, 4).reshape(kv_heads, num_seqs, group * num_queries, head_dim)
+    scores = (q @ k.transpose(-1, -2)).view(kv_heads, num_seqs, group, num_queries, -1)
+    scores.masked_fill_(~mask[None], float("-inf"))                    # mask: [1, S, 1, Q, L]
+    if sinks is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        # The sink is one more column of each head's scores; its probability is dropped.
+        sink = sinks.to(scores.dtype).view(kv_heads, 1, group, 1, 1)
+        sink = sink.expand(kv_heads, num_seqs, group, num_queries, 1)
+        probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
+    out = probs.view(kv_heads, num_seqs, group * num_queries, -1) @ v      # [KVH, S, G * Q, D]
+    out = out.view(kv_heads, num_seqs, group, num_queries, head_dim).permute(1, 3, 0, 2, 4)
+    return out.reshape(num_seqs, num_queries, num_heads, head_dim)

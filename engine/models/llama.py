@@ -43,14 +43,20 @@ def mlp_lora_targets(hidden: int, intermediate: int) -> dict[str, LoraTarget]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Self-attention over the paged cache. gpt-oss adds a bias on `o_proj`, learned
+    per-head `sinks` and, in its sliding layers, a `window` (engine.layers.attention)."""
+
+    def __init__(self, cfg: ModelConfig, o_bias: bool = False, sinks: bool = False,
+                 window: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if sinks else None   # [H]
+        self.window = window
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -63,7 +69,8 @@ class Attention(nn.Module):
             qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
         apply_rotary_(qkv[:, :h + kvh], *rope)                        # q and k at once, in place
         store_kv(kv_cache, qkv[:, h:], meta.slot_mapping)
-        out = paged_attention(qkv[:, :h], kv_cache, meta, self.scale)  # [T, H, D]
+        out = paged_attention(qkv[:, :h], kv_cache, meta, self.scale,  # [T, H, D]
+                              self.sinks, self.window)
         return self.o_proj(out.flatten(1), meta.lora)
 
 
@@ -81,11 +88,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Attention, then the feed-forward block `mlp` (a dense MLP, or experts), each residual."""
 
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, attention: nn.Module, mlp: nn.Module,
+                 norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attention
+        self.post_attention_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
     def forward(self, x, rope, kv_cache, meta):
@@ -95,6 +103,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     config_class = ModelConfig
+    norm_class = RMSNorm        # gpt-oss applies the norm's weight in float32
     # Its layers add each row's adapter from `meta.lora`: checkpoints may share a step.
     supports_lora_slots = True
 
@@ -102,13 +111,19 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i))
-                                    for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.norm_class)
+            for i in range(cfg.num_layers))
+        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+
+    @staticmethod
+    def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+        """Layer `layer`'s attention (a family with sinks or sliding layers overrides this)."""
+        return Attention(cfg)
 
     @staticmethod
     def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -144,6 +159,12 @@ class LlamaForCausalLM(nn.Module):
         """Layer `layer`'s adaptable modules, by their name inside the layer."""
         return {**attention_lora_targets(cfg),
                 **mlp_lora_targets(cfg.hidden_size, cfg.intermediate_size)}
+
+    @staticmethod
+    def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor in the layout of the parameter it fills: as it is here
+        (a family whose checkpoints lay a weight out otherwise overrides this)."""
+        return tensor
 
     def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
         """Map a Hugging Face parameter name onto (our parameter name, rows it fills).

@@ -1,7 +1,12 @@
-"""Build a model from a Hugging Face safetensors directory (sharded or not)."""
+"""Build a model from a Hugging Face safetensors directory (sharded or not).
+
+MXFP4 weights (gpt-oss checkpoints, `quant_method` "mxfp4") are dequantized as they are
+read; the progress bar counts a file's tensors, the dequantized ones included.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.models.mxfp4 import Mxfp4Pairs
 from engine.models.registry import model_class
 
 # Hugging Face keeps these buffers in some checkpoints; we recompute them.
@@ -26,25 +32,44 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
     model.rotary.reset_cache()
     params = dict(model.named_parameters())
     filled = dict.fromkeys(params, 0)     # elements written so far, of each parameter
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     with torch.no_grad():
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,
-                                    leave=False):
-                    if hf_name.endswith(IGNORED_SUFFIXES) or (
-                            cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
-                        continue
-                    name, index = model.param_slice(hf_name)
-                    if name not in params:
-                        raise ValueError(f"{path.name}: unexpected weight {hf_name!r}")
-                    target = params[name] if index is None else params[name][index]
-                    target.copy_(f.get_tensor(hf_name))
-                    filled[name] += target.numel()
+        for path, hf_name, tensor in _checkpoint_tensors(Path(model_dir), cfg, dtype, device,
+                                                         progress):
+            name, index = model.param_slice(hf_name)
+            if name not in params:
+                raise ValueError(f"{path.name}: unexpected weight {hf_name!r}")
+            target = params[name] if index is None else params[name][index]
+            target.copy_(model.checkpoint_tensor(hf_name, tensor))
+            filled[name] += target.numel()
     # A fused parameter (q/k/v, gate/up, every expert) is whole only once all its parts are.
     missing = [name for name, param in params.items() if filled[name] < param.numel()]
     if missing:
         raise ValueError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
     return model.eval()
+
+
+def _checkpoint_tensors(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
+                        device: str | torch.device,
+                        progress: bool) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, Hugging Face name, tensor) of every weight to load, MXFP4 pairs dequantized."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    mxfp4 = Mxfp4Pairs(dtype, device) if cfg.quantization == "mxfp4" else None
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,
+                                leave=False):
+                if hf_name.endswith(IGNORED_SUFFIXES) or (
+                        cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                    continue
+                tensor = f.get_tensor(hf_name)
+                if mxfp4 is not None and mxfp4.is_half(hf_name):
+                    paired = mxfp4.add(hf_name, tensor)   # dequantized with its other half
+                    if paired is None:
+                        continue
+                    hf_name, tensor = paired
+                yield path, hf_name, tensor
+    if mxfp4 is not None and mxfp4.unpaired:
+        raise ValueError(f"{model_dir}: MXFP4 tensors without their other half: "
+                         f"{mxfp4.unpaired[:5]}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
+from engine.models.gpt_oss import GptOssForCausalLM
 from engine.models.llama import LlamaForCausalLM
 from engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -23,6 +24,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
 }
 
 

@@ -1,4 +1,10 @@
-"""Reasoning traces: splitting `<think>...</think>` from the answer, and thinking budgets.
+"""Reasoning traces: which format a chat template writes, splitting `<think>...</think>`
+from the answer, and thinking budgets.
+
+A model's format is decided by what its chat template renders, not by what its source
+mentions: `detect_reasoning_format` renders a short conversation with the generation
+prompt, thinking on and off, and asks each known format whether those prompts are its
+own (a table, so that a new format is one more entry).
 
 A reasoning model writes its chain of thought between two markers, then the answer.
 `ReasoningSplitter` turns the model's text, fed piece by piece as it is generated, into
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -59,21 +66,43 @@ def reasoning_format_by_name(name: str) -> ReasoningFormat:
         raise ValueError(f"unknown reasoning format {name!r}; known formats: {known}") from None
 
 
-def detect_reasoning_format(chat_template: str | None) -> ReasoningFormat | None:
-    """The format whose markers the chat template writes, or None: the model has no
-    separable trace (separate_reasoning is a no-op, reasoning_effort is refused)."""
-    if not chat_template:
+# The conversation a chat template is rendered with to see which format it writes.
+PROBE_MESSAGES: tuple[dict, ...] = ({"role": "user", "content": "Hi"},)
+
+
+def detect_reasoning_format(render: Callable[[bool], str]) -> ReasoningFormat | None:
+    """The format of the trace a chat template writes, from what it renders:
+    `render(enable_thinking)` is its prompt for PROBE_MESSAGES with the generation prompt.
+    None: no separable trace (separate_reasoning is a no-op, reasoning_effort is refused),
+    also when the template refuses the probe (ValueError)."""
+    try:
+        thinking, no_thinking = render(True), render(False)
+    except ValueError:
         return None
-    for fmt in REASONING_FORMATS.values():
-        if fmt.start in chat_template and fmt.end in chat_template:
-            return fmt
-    return None
+    return next((fmt for writes, fmt in _DETECTION if writes(thinking, no_thinking)), None)
 
 
 def prompt_opens_trace(fmt: ReasoningFormat, prompt_text: str) -> bool:
     """True when the prompt ends inside a trace that the template opened: the output
     starts as reasoning, and a thinking budget counts from its first token."""
     return prompt_text.rstrip().endswith(fmt.start)
+
+
+def _writes_think_tags(thinking: str, no_thinking: str) -> bool:
+    """The prompt ends inside an open `<think>` (DeepSeek-R1-style templates, which never
+    close it themselves, and the demo's), or with thinking off after an empty closed
+    trace (Qwen3, whose prompt with thinking on leaves the opening to the model)."""
+    closed = no_thinking.rstrip()
+    return prompt_opens_trace(THINK_TAGS, thinking) or (
+        closed.endswith(THINK_TAGS.end)
+        and closed.removesuffix(THINK_TAGS.end).rstrip().endswith(THINK_TAGS.start))
+
+
+# (does a template whose prompts with thinking on and off are these write it?, format);
+# the first that says yes wins.
+_DETECTION: tuple[tuple[Callable[[str, str], bool], ReasoningFormat], ...] = (
+    (_writes_think_tags, THINK_TAGS),
+)
 
 
 class _Phase(enum.Enum):

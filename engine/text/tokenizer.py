@@ -93,6 +93,8 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as exc:   # raise_exception, syntax and sandbox errors
             raise ValueError(f"chat template error: {exc}") from exc
+        except Exception as exc:   # the template failed on the data it was given
+            raise ValueError(f"chat template error: {type(exc).__name__}: {exc}") from exc
         return rendered if final_text is None else _cut_at_tag(rendered, final_text)
 
     def encode_chat(self, messages: list[dict], /, **render_kwargs: Any) -> list[int]:

@@ -1,5 +1,6 @@
 """/v1/models and checkpoint names: the base model, checkpoints saved while the server
-runs, checkpoints still being written, and a checkpoint's own chat template."""
+runs, checkpoints still being written, a checkpoint's own chat template, and one found
+broken only when its tensors are loaded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.api.conftest import MODEL
-from tests.engine.checkpoints.helpers import save_peft_adapter
+from tests.engine.checkpoints.helpers import save_nan_adapter, save_peft_adapter
 from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
 
 pytestmark = pytest.mark.model
@@ -87,3 +88,31 @@ def test_generation_through_a_checkpoint_uses_its_template_and_adapter(client, s
                                     logprobs=0).choices[0].logprobs.token_logprobs[0]
           for m in (MODEL, checkpoint)]
     assert lp[0] != lp[1]
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(server, default_model_dir) -> str:
+    save_nan_adapter(default_model_dir,
+                     server.checkpoint_root / "broken:train:0" / "sampler_weights" / "nan")
+    return "tinker://broken:train:0/sampler_weights/nan"
+
+
+def assert_checkpoint_invalid(error: dict) -> None:
+    assert "NaN" in error["message"] and error["type"] == "invalid_request_error"
+    assert error["code"] == "checkpoint_invalid" and error["param"] == "model"
+
+
+def test_a_checkpoint_found_broken_when_loaded_is_a_400_and_the_base_is_untouched(
+        client, nan_checkpoint) -> None:
+    args = dict(prompt="The capital of France is", max_tokens=4, temperature=0)
+    before = client.completions.create(model=MODEL, **args).choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=nan_checkpoint, **args)
+    assert_checkpoint_invalid(info.value.body)
+    # Streamed, the status is sent before the adapter is loaded: an error event says it.
+    with pytest.raises(openai.APIError) as info:
+        list(client.chat.completions.create(
+            model=nan_checkpoint, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            stream=True))
+    assert_checkpoint_invalid(info.value.body)
+    assert client.completions.create(model=MODEL, **args).choices[0].text == before

@@ -2,11 +2,13 @@
 
 The reasoning model is a checkpoint of the default model with a zero LoRA (so it is the
 base model exactly) and the demo's Qwen3-style template, whose generation prompt opens
-`<think>`. The base model never learnt to close a trace: asked to explain something, it
-writes on inside the trace until the length limit. That makes the thinking budget show,
-and makes the end marker the engine forces the only `</think>` in the output, at the
-position the contract gives (`ceil(effort * reasoning budget)` tokens in), which the
-tests compute themselves. A second server checks the --reasoning-* options.
+`<think>`; the contract's behaviours are also run with a DeepSeek-R1-style template,
+which opens `<think>` too but never writes `</think>` itself, so that only what it
+renders shows it is a reasoning template. The base model never learnt to close a trace:
+asked to explain something, it writes on inside the trace until the length limit. That
+makes the thinking budget show, and makes the end marker the engine forces the only
+`</think>` in the output, at the position the contract gives (`ceil(effort * reasoning
+budget)` tokens in), which the tests compute themselves. A second server checks the --reasoning-* options.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from engine import RequestOutput, RequestStream, SamplingParams
 from scripts.make_demo_checkpoints import parse_args as demo_args
 from tests.api.conftest import API_KEY, MODEL, running_server
 from tests.engine.checkpoints.helpers import save_peft_adapter
+from tests.engine.text.test_reasoning import R1_STYLE_TEMPLATE
 
 pytestmark = pytest.mark.model
 
@@ -40,17 +43,24 @@ QUESTION = [{"role": "user", "content": "Explain how photosynthesis works."}]
 MAX_TOKENS = 40
 EFFORTS = {"minimal": 0.01, "low": 0.3, "medium": 0.6, "high": 0.9}   # the contract's
 CHECKPOINT = Path(RUN, "sampler_weights", "000001")
+TEMPLATES = {"qwen3-style": (CHECKPOINT, DEMO_TEMPLATE.read_text()),
+             "r1-style": (CHECKPOINT.with_name("000002"), R1_STYLE_TEMPLATE)}
+# The contract's reasoning behaviours, asked of both template styles.
+BOTH_STYLES = pytest.mark.parametrize("reasoning_model", list(TEMPLATES), indirect=True)
 SERVER_BUDGET = 10
 
 
 @pytest.fixture(scope="module")
-def reasoning_model(server, default_model_dir) -> str:
-    """A complete checkpoint, written after the server started: zero LoRA, demo template."""
-    path = server.checkpoint_root / CHECKPOINT
-    path.mkdir(parents=True)
-    (path / "chat_template.jinja").write_text(DEMO_TEMPLATE.read_text())
-    save_peft_adapter(default_model_dir, path, r=1, std=0.0)   # checkpoint_complete last
-    return f"tinker://{CHECKPOINT.as_posix()}"
+def reasoning_model(request, server, default_model_dir) -> str:
+    """A complete checkpoint, written after the server started: zero LoRA and the demo's
+    template, or the template style a test names as its parameter."""
+    checkpoint, template = TEMPLATES[getattr(request, "param", "qwen3-style")]
+    path = server.checkpoint_root / checkpoint
+    if not path.exists():   # the default style is also asked for by name
+        path.mkdir(parents=True)
+        (path / "chat_template.jinja").write_text(template)
+        save_peft_adapter(default_model_dir, path, r=1, std=0.0)   # checkpoint_complete last
+    return f"tinker://{checkpoint.as_posix()}"
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +108,7 @@ def assert_forced_end_at(resp, position: int, forced_end_tokens: int) -> None:
     assert "".join(out[position:position + forced_end_tokens]) == FORCED_END
 
 
+@BOTH_STYLES
 def test_trace_and_answer_go_to_separate_fields(client, reasoning_model) -> None:
     message = chat(client, reasoning_model, reasoning_effort="low").choices[0].message
     assert message.reasoning_content and message.content
@@ -106,6 +117,7 @@ def test_trace_and_answer_go_to_separate_fields(client, reasoning_model) -> None
         assert "<think>" not in text and "</think>" not in text
 
 
+@BOTH_STYLES
 def test_separate_reasoning_false_keeps_the_trace_inline(client, reasoning_model) -> None:
     split = chat(client, reasoning_model, reasoning_effort="low")
     inline = chat(client, reasoning_model, reasoning_effort="low",
@@ -118,6 +130,7 @@ def test_separate_reasoning_false_keeps_the_trace_inline(client, reasoning_model
     assert answer.lstrip("\n") == split.choices[0].message.content
 
 
+@BOTH_STYLES
 def test_a_trace_cut_off_by_max_tokens_is_all_reasoning(client, reasoning_model) -> None:
     resp = chat(client, reasoning_model, max_tokens=8)
     message = resp.choices[0].message
@@ -126,6 +139,7 @@ def test_a_trace_cut_off_by_max_tokens_is_all_reasoning(client, reasoning_model)
     assert resp.usage.completion_tokens_details.reasoning_tokens == 8
 
 
+@BOTH_STYLES
 def test_stream_sends_the_trace_before_the_answer_and_joins_to_the_message(
         client, reasoning_model) -> None:
     full = chat(client, reasoning_model, reasoning_effort="medium")
@@ -146,7 +160,9 @@ def test_stream_sends_the_trace_before_the_answer_and_joins_to_the_message(
         full.usage.completion_tokens_details.reasoning_tokens
 
 
-@pytest.mark.parametrize("effort", ["minimal", "low", "medium", "high", 0.5, 0.0])
+@pytest.mark.parametrize("reasoning_model, effort", [
+    *(("qwen3-style", effort) for effort in ["minimal", "low", "medium", "high", 0.5, 0.0]),
+    ("r1-style", "low")], indirect=["reasoning_model"])
 def test_effort_spends_its_budget_then_forces_the_end_marker(
         client, reasoning_model, forced_end_tokens, effort) -> None:
     # Room for the answer after the budget of "high", 0.9 of the token limit.

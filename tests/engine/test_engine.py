@@ -149,6 +149,27 @@ def test_bad_prompts_are_refused(engine, prompt):
         engine.add_request(prompt, SamplingParams(max_tokens=2))[0]
 
 
+@pytest.mark.parametrize("field", ["prompt", "stop_token_ids", "logit_bias"])
+def test_token_ids_past_either_edge_of_the_vocabulary_are_refused(engine, field):
+    vocab = engine.model_config.vocab_size
+
+    def request(token: int):
+        prompt = [token] if field == "prompt" else [5, 6]
+        extra = {"stop_token_ids": dict(stop_token_ids=[token]),
+                 "logit_bias": dict(logit_bias={token: 1.0})}.get(field, {})
+        params = SamplingParams(max_tokens=2, temperature=0.0, min_tokens=1, **extra)
+        stream, = engine.add_request(prompt, params)
+        return list(stream)
+
+    for token in (-1, vocab, 10**30):
+        with pytest.raises(ValueError, match=rf"{field}.*\[0, {vocab}\)"):
+            request(token)
+    for token in (0, vocab - 1):   # the edges themselves are ids
+        assert request(token)[-1].finish_reason in ("length", "stop")
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
 def test_abort_frees_the_sequence_at_once(engine):
     stream = engine.add_request(PROMPT.to_ints(), SamplingParams(max_tokens=200, stop=[]))[0]
     stream.get(timeout=60)

@@ -49,6 +49,17 @@ def save_peft_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, lora_alpha:
     return out_dir
 
 
+def save_nan_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A complete PEFT adapter one of whose factors holds a NaN: its headers pass the
+    checks made when it is named, and only loading its tensors finds it broken."""
+    save_peft_adapter(model_dir, out_dir, r=2)
+    weights = out_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    save_file(tensors, weights)
+    return out_dir
+
+
 def peft_logprobs_fn(model_dir: Path, adapter_dir: Path | None) -> LogprobsFn:
     """transformers + PEFT (unmerged, as PEFT reads the adapter from disk)."""
     from peft import PeftModel
@@ -63,6 +74,44 @@ def peft_logprobs_fn(model_dir: Path, adapter_dir: Path | None) -> LogprobsFn:
     def logprobs(ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
     return logprobs
+
+
+# Adds one expert module's delta by hand: (the experts' module, "w1" | "w2" | "w3", A, B, scale).
+ExpertMerge = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor, float], None]
+
+
+def hand_merged_transformers(model_dir: Path, adapter_dir: Path,
+                             merge_experts: ExpertMerge) -> LogprobsFn:
+    """transformers with an adapter in the training service's format merged by hand:
+    `merge_experts` adds the experts' 3-D factors in the family's own layout; every other
+    module gets `scale * B @ A` in its weight (the head named `model.unembed_tokens`, a
+    layer's attention `attn` as in gpt-oss adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    with torch.no_grad():
+        for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            if ".experts.w" in module:
+                experts, w = module.rsplit(".", 1)
+                merge_experts(model.get_submodule(experts), w, a, b, scale)
+            else:
+                target = "lm_head" if module == "model.unembed_tokens" else module
+                model.get_submodule(target.replace(".attn.", ".self_attn.")).weight += scale * b @ a
+
+    @torch.no_grad()
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return logprobs
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert e's `B[e] @ A[e]` ([out, in]) from 3-D factors, a leading 1 serving every expert."""
+    return b[expert if len(b) > 1 else 0] @ a[expert if len(a) > 1 else 0]
 
 
 def load_engine_model(model_dir: Path) -> LlamaForCausalLM:

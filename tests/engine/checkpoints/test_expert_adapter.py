@@ -8,7 +8,6 @@ head get `scale * B @ A` in their weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,9 @@ from tests.engine.checkpoints.helpers import (
     assert_same_model_outputs,
     assert_switching_a_b_a_then_base_is_bit_exact,
     engine_logprobs_fn,
+    expert_delta,
     greedy,
+    hand_merged_transformers,
     load_engine_model,
     write_adapter,
 )
@@ -79,33 +80,18 @@ def service_adapter(model_dir: Path, out: Path, *, shared: dict[str, str] = TYPI
     return write_adapter(out, tensors, {"r": r, "lora_alpha": alpha})
 
 
-def hand_merged_transformers(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
-    from transformers import AutoModelForCausalLM
+def add_qwen3_moe_expert_delta(experts, w: str, a, b, scale: float) -> None:
+    """transformers' Qwen3-MoE experts: gate_up_proj [E, 2I, H] (gate rows, then up rows)."""
+    width = experts.gate_up_proj.shape[1] // 2
+    fused, rows = {"w1": (experts.gate_up_proj, slice(0, width)),
+                   "w3": (experts.gate_up_proj, slice(width, 2 * width)),
+                   "w2": (experts.down_proj, slice(None))}[w]
+    for e in range(fused.shape[0]):
+        fused[e, rows] += scale * expert_delta(a, b, e)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    width = model.config.moe_intermediate_size
-    with torch.no_grad():
-        for key in [k for k in tensors if k.endswith("lora_A.weight")]:
-            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            if ".experts.w" in module:
-                experts = model.get_submodule(module.rsplit(".", 1)[0])
-                fused, rows = {"w1": (experts.gate_up_proj, slice(0, width)),
-                               "w3": (experts.gate_up_proj, slice(width, 2 * width)),
-                               "w2": (experts.down_proj, slice(None))}[module.rsplit(".", 1)[1]]
-                for e in range(fused.shape[0]):
-                    fused[e, rows] += scale * b[e if len(b) > 1 else 0] @ a[e if len(a) > 1 else 0]
-            else:
-                target = "lm_head" if module == "model.unembed_tokens" else module
-                model.get_submodule(target).weight += scale * b @ a
 
-    @torch.no_grad()
-    def logprobs(ids: list[int]) -> torch.Tensor:
-        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    return logprobs
+def hand_merged(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
+    return hand_merged_transformers(model_dir, adapter_dir, add_qwen3_moe_expert_delta)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +115,7 @@ def test_merged_expert_adapter_matches_a_hand_merge(case, model_dir, tmp_path):
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
     assert_same_model_outputs(engine_logprobs_fn(model),
-                              hand_merged_transformers(model_dir, adapter))
+                              hand_merged(model_dir, adapter))
 
 
 def test_expert_adapter_really_changes_the_outputs(model_dir, tmp_path):
@@ -191,7 +177,7 @@ def test_expert_adapter_served_through_the_engine(model_dir, tmp_path):
         tokens = client.sample(ModelInput.from_ints(PROMPT), 1, params).result(timeout=60)
     finally:
         engine.shutdown()
-    assert tokens.sequences[0].tokens == greedy(hand_merged_transformers(model_dir, adapter),
+    assert tokens.sequences[0].tokens == greedy(hand_merged(model_dir, adapter),
                                                 PROMPT, 8)
 
 

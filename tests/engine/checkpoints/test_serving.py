@@ -20,7 +20,14 @@ from engine.checkpoints.store import (
     CheckpointInvalid,
     CheckpointNotFound,
 )
-from tests.engine.checkpoints.helpers import ALL_LINEAR, greedy, peft_logprobs_fn, save_peft_adapter
+from engine.outputs import ErrorKind
+from tests.engine.checkpoints.helpers import (
+    ALL_LINEAR,
+    greedy,
+    peft_logprobs_fn,
+    save_nan_adapter,
+    save_peft_adapter,
+)
 
 FAMILY = "llama3-rope-scaling"   # tied embeddings: head and embedding adapters untie them
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"
@@ -183,3 +190,26 @@ def test_a_sampling_client_for_a_missing_checkpoint_is_refused_at_once(tiny_mode
             eng.sampling_client("tinker://run:train:0/sampler_weights/000010")
     finally:
         eng.shutdown()
+
+
+def test_an_adapter_found_broken_when_loaded_fails_its_requests_and_leaves_the_weights(
+        engine, model_dir, root):
+    name = "tinker://broken-run:train:0/sampler_weights/nan"
+    save_nan_adapter(model_dir, root / "broken-run:train:0" / "sampler_weights" / "nan")
+    good = f"tinker://{RUN}/sampler_weights/a"
+    prompt = ModelInput.from_ints(PROMPTS[0])
+    engine.sampling_client(good).sample(prompt, 1, greedy_params(2)).result(timeout=60)
+    with pytest.raises(CheckpointInvalid, match="NaN"):   # the client, the checkpoint's words
+        engine.sampling_client(name).sample(prompt, 1, greedy_params(4)).result(timeout=60)
+    stream, = engine.add_request(PROMPTS[0], greedy_params(4),
+                                 checkpoint=engine.checkpoints.resolve(name))
+    last = list(stream)[-1]
+    assert last.finish_reason == "error" and last.error_kind is ErrorKind.CHECKPOINT
+    assert last.error.startswith("Checkpoint `nan` cannot be served") and "NaN" in last.error
+    # Neither the adapter merged before nor the base weights were touched.
+    for checkpoint, adapter in ((good, root / RUN / "sampler_weights/a"), (None, None)):
+        after = engine.sampling_client(checkpoint).sample(prompt, 1, greedy_params(6))
+        assert_matches(after.result(timeout=60).sequences[0],
+                       reference(model_dir, adapter, PROMPTS[0], 6))
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks

@@ -17,6 +17,7 @@ import jinja2.sandbox
 import pytest
 
 from engine.text.reasoning import (
+    PROBE_MESSAGES,
     REASONING_EFFORTS,
     THINK_TAGS,
     ReasoningSplitter,
@@ -27,6 +28,9 @@ from engine.text.reasoning import (
     split_reasoning,
     thinking_budget,
 )
+from engine.text.tokenizer import Tokenizer
+from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
+from tests.tiny_models import save_tiny_tokenizer
 
 DEMO_TEMPLATE = Path(__file__).resolve().parents[3] / "scripts" / "demo_chat_template.jinja"
 
@@ -192,17 +196,55 @@ def test_prompt_opens_trace_only_when_the_template_left_it_open(enable_thinking,
     assert not prompt_opens_trace(THINK_TAGS, HISTORY)
 
 
-def test_demo_template_is_detected_as_think_tags():
-    assert detect_reasoning_format(DEMO_TEMPLATE.read_text()) == THINK_TAGS
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    """A tokenizer without a chat template of its own."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    save_tiny_tokenizer(path)
+    return Tokenizer(path)
+
+
+def renders(tokenizer: Tokenizer, template: str | None):
+    """`render(enable_thinking)` for detect_reasoning_format, as the server makes it."""
+    return lambda enable_thinking: tokenizer.render_chat(
+        list(PROBE_MESSAGES), chat_template=template or None, enable_thinking=enable_thinking)
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + "
+          "'<|im_end|>\\n' }}{% endfor %}")
+# DeepSeek-R1-style: the generation prompt opens a trace, and nothing in the template
+# ever closes one (nor looks at enable_thinking).
+R1_STYLE_TEMPLATE = (CHATML + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n"
+                     "<think>\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [DEMO_TEMPLATE.read_text(), R1_STYLE_TEMPLATE,
+                                      QWEN3_STYLE_TEMPLATE], ids=["demo", "r1", "qwen3"])
+def test_templates_that_open_or_close_a_trace_in_the_prompt_are_think_tags(tokenizer,
+                                                                           template):
+    # demo, R1: the prompt ends inside an open trace; Qwen3: thinking off writes an empty one.
+    assert detect_reasoning_format(renders(tokenizer, template)) == THINK_TAGS
 
 
 @pytest.mark.parametrize("template", [
-    None, "",
-    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}{% endfor %}",
+    None, "", CHATML,
     "{{ '<think>' }} but never closed",
+    # Both markers in the source, neither in a prompt: it only strips old traces.
+    "{% for m in messages %}{{ m.content.split('</think>')[-1].replace('<think>', '') }}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # A system prompt that talks about the markers, then a plain generation prompt.
+    "Think inside <think></think> first.\n" + CHATML + "<|im_start|>assistant\n",
+    # A closed trace that is not empty is history, not the template's switch.
+    CHATML + "<think>old</think>",
 ])
-def test_templates_without_both_markers_have_no_format(template):
-    assert detect_reasoning_format(template) is None
+def test_templates_whose_prompts_hold_no_trace_of_their_own_have_no_format(tokenizer,
+                                                                            template):
+    assert detect_reasoning_format(renders(tokenizer, template)) is None
+
+
+def test_a_template_that_refuses_the_probe_has_no_format(tokenizer):
+    refuses = "{{ raise_exception('needs a system message') }}" + R1_STYLE_TEMPLATE
+    assert detect_reasoning_format(renders(tokenizer, refuses)) is None
 
 
 def test_formats_by_name():

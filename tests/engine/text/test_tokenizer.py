@@ -204,6 +204,17 @@ def test_template_raise_exception_is_a_value_error_with_its_message(tok) -> None
         tok.render_chat(CHATS["single"], chat_template=template)
 
 
+@pytest.mark.parametrize("template", [
+    "{{ messages[0].content + 1 }}",                 # TypeError
+    "{{ messages | length // 0 }}",                  # ZeroDivisionError
+    "{% for m in range(10**9) %}{% endfor %}",       # the sandbox's OverflowError
+], ids=["type", "zero_division", "range"])
+def test_a_template_failing_on_its_data_is_a_value_error_naming_the_failure(tok,
+                                                                            template) -> None:
+    with pytest.raises(ValueError, match="chat template error: [A-Za-z]+Error"):
+        tok.render_chat(CHATS["single"], chat_template=template)
+
+
 def test_model_without_template_is_refused_clearly(default_model_dir, tmp_path) -> None:
     hf = AutoTokenizer.from_pretrained(default_model_dir)
     hf.chat_template = None

@@ -1,0 +1,170 @@
+"""gpt-oss's harmony format: reasoning and answer in channels, split on token ids.
+
+A harmony conversation is a list of messages, each written as
+
+    <|start|>{role}<|channel|>{channel}<|message|>{body}<|end|>
+
+(the header may also name a recipient, ` to=functions.x`, and a `<|constrain|>json`
+type). The chat template ends the prompt with `<|start|>assistant`, so the output opens
+with the rest of a header. The model thinks in the `analysis` channel, answers in
+`final`, and calls tools in `commentary`; its last message ends with `<|return|>` (or
+`<|call|>` for a tool call) instead of `<|end|>`, and both end the sequence (one line):
+
+    <|channel|>analysis<|message|>User asks 2+2.<|end|>
+    <|start|>assistant<|channel|>final<|message|>4<|return|>
+
+The markers are special tokens, which detokenization drops, so the split works on token
+ids: `HarmonySplitter` follows the messages token by token, decodes each body on its
+own, and sends analysis bodies to reasoning and every other channel's to content, with
+no markup left. A marker is one token, so no text waits for a marker to complete; only a
+header waits for its `<|message|>`, which says where the body goes. Parsing tool calls
+out of `commentary` is not done here: their bodies are content.
+
+`reasoning_effort` is native to gpt-oss (the template writes `Reasoning: low|medium|high`
+into its system message): `harmony_effort` maps the engine's effort fraction onto the
+three levels. A thinking budget works as for `<think>` models, forcing `FORCED_FINAL`:
+the analysis message is closed and a final one opened.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+
+from engine.text.detokenizer import IncrementalDetokenizer
+from engine.text.tokenizer import Tokenizer
+
+START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
+RETURN, CALL = "<|return|>", "<|call|>"
+REASONING_CHANNEL = "analysis"
+# What the engine forces when the thinking budget is spent inside an analysis message.
+FORCED_FINAL = f"{END}{START}assistant{CHANNEL}final{MESSAGE}"
+# Where the chat template leaves the prompt: a harmony template renders this last.
+GENERATION_PROMPT = f"{START}assistant"
+INLINE_SEPARATOR = "\n\n"   # between messages when the trace stays inline in content
+_CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([\w-]+)")
+
+# gpt-oss's three levels, each with the effort fraction it stops below (so the API's
+# names land where they should: minimal 0.01 and low 0.3 -> low, medium 0.6, high 0.9).
+_EFFORT_LEVELS = ((0.45, "low"), (0.75, "medium"), (float("inf"), "high"))
+
+
+def harmony_effort(effort: float) -> str:
+    """The template's `reasoning_effort` for an effort fraction in [0, 1]: low below
+    0.45, medium below 0.75, high otherwise."""
+    return next(level for bound, level in _EFFORT_LEVELS if effort < bound)
+
+
+def renders_harmony(prompt_text: str) -> bool:
+    """True when a rendered generation prompt is harmony's (it ends with the opened
+    assistant header): the check the reasoning-format table runs on what a template renders."""
+    return prompt_text.endswith(GENERATION_PROMPT)
+
+
+class _Phase(enum.Enum):
+    HEADER = "header"     # after <|start|>: role, channel, recipient, up to <|message|>
+    BODY = "body"         # a message's text
+    BETWEEN = "between"   # after <|end|>: the next message's <|start|> is due
+
+
+class HarmonySplitter:
+    """Splits one completion's tokens, fed as they are generated, into reasoning and content.
+
+    The interface of `engine.text.reasoning.ReasoningSplitter`, fed token ids instead of
+    text: `feed(ids)` returns the (reasoning, content) the new tokens release, `finish()`
+    the rest; `reasoning_tokens` counts the tokens of analysis bodies. `prompt_ids` (or
+    only their end) set where the output starts, normally inside the header that the
+    template's `<|start|>assistant` opened. With `separate_reasoning=False` everything is
+    content: each message's body in turn, separated by a blank line.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
+                 separate_reasoning: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._separate = separate_reasoning
+        to_id = tokenizer.hf.convert_tokens_to_ids
+        self._start, self._message = to_id(START), to_id(MESSAGE)
+        self._ends = {to_id(END), to_id(RETURN), to_id(CALL)}
+        self.reasoning_tokens = 0
+        self._phase = _Phase.BETWEEN
+        self._header: list[int] = []
+        self._channel: str | None = None
+        self._body: IncrementalDetokenizer | None = None
+        self._answered = False        # a message on a channel other than analysis began
+        self._body_released = False   # the current body has released text
+        self._released = False        # some body has
+        # The prompt's last message may still be open (the generation prompt's header).
+        starts = [i for i, token in enumerate(prompt_ids) if token == self._start]
+        for token in prompt_ids[starts[-1]:] if starts else ():
+            self._step(token)
+        self.reasoning_tokens = 0
+
+    @property
+    def in_reasoning(self) -> bool:
+        """True while the output is, or may still turn out to be, reasoning: until a
+        message on another channel (the answer) begins."""
+        return not self._answered
+
+    @property
+    def trace_open(self) -> bool:
+        """True inside an analysis message's body, where a budget may force FORCED_FINAL."""
+        return self._phase is _Phase.BODY and self._channel == REASONING_CHANNEL
+
+    def feed(self, token_ids: Iterable[int]) -> tuple[str, str]:
+        """Take the next output tokens; return the (reasoning, content) they release."""
+        reasoning, content = [], []
+        for token in token_ids:
+            text = self._released_text(self._step(token))
+            (reasoning if self._is_reasoning() else content).append(text)
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """The output is complete (or cut off): release the text still held back."""
+        if self._phase is not _Phase.BODY:
+            return "", ""   # an unfinished header holds no text
+        text = self._released_text(self._body.flush())
+        return (text, "") if self._is_reasoning() else ("", text)
+
+    def _is_reasoning(self) -> bool:
+        return self._separate and self._channel == REASONING_CHANNEL
+
+    def _step(self, token: int) -> str:
+        """Advance by one token; the body text it completes."""
+        if token in self._ends:                       # <|end|>, <|return|>, <|call|>
+            text = self._body.flush() if self._phase is _Phase.BODY else ""
+            self._phase = _Phase.BETWEEN
+            return text
+        if token == self._start:
+            self._phase, self._header = _Phase.HEADER, []
+            return ""
+        if self._phase is _Phase.HEADER:
+            if token == self._message:
+                self._open_body(self._channel_of(self._header))
+            else:
+                self._header.append(token)
+            return ""
+        if self._phase is _Phase.BETWEEN:             # text outside any message: content
+            self._open_body(None)
+        if self._channel == REASONING_CHANNEL:
+            self.reasoning_tokens += 1
+        return self._body.add(token)
+
+    def _open_body(self, channel: str | None) -> None:
+        self._phase, self._channel = _Phase.BODY, channel
+        self._answered |= channel != REASONING_CHANNEL
+        self._body = IncrementalDetokenizer(self._tokenizer, [])
+        self._body_released = False
+
+    def _released_text(self, text: str) -> str:
+        """Inline, a body's first text is set off from the body before it by a blank line."""
+        if text and not self._body_released:
+            if not self._separate and self._released:
+                text = INLINE_SEPARATOR + text
+            self._body_released = self._released = True
+        return text
+
+    def _channel_of(self, header: list[int]) -> str | None:
+        """`assistant<|channel|>analysis to=...` -> "analysis"; None when no channel is named."""
+        match = _CHANNEL_NAME.search(self._tokenizer.decode(header, skip_special_tokens=False))
+        return match.group(1) if match else None
