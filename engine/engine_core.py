@@ -26,11 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.block_manager import BlockManager
-<<<<<<< HEAD
-from engine.checkpoints.lora_serving import LoraServing
-=======
 from engine.checkpoints.errors import CheckpointError
->>>>>>> main
+from engine.checkpoints.lora_serving import LoraServing
 from engine.checkpoints.merge import LoraManager
 from engine.config import EngineConfig
 from engine.messages import AbortRequest, AddRequest, Shutdown, StepOutputs
