@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from engine.config import EngineConfig
+from engine.config import LORA_MODES, EngineConfig
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
 from engine.text.reasoning import REASONING_EFFORTS, REASONING_FORMATS
 
@@ -64,7 +64,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                    enable_prefix_caching=args.enable_prefix_caching,
                    checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks,
                    max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                   max_lora_rank=args.max_lora_rank)
+                   max_lora_rank=args.max_lora_rank, lora_mode=args.lora_mode)
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
     options["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -113,6 +113,11 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--max-lora-rank", type=_positive_int, default=EngineConfig.max_lora_rank,
                        help="the largest LoRA rank served; checkpoints of a higher rank get a "
                        "400 naming their rank (default: %(default)s)")
+    serve.add_argument("--lora-mode", choices=LORA_MODES, default=EngineConfig.lora_mode,
+                       help="auto: a step with one checkpoint runs it merged into the weights, "
+                       "one with several runs the base unmerged plus each row's adapter; merged: "
+                       "one checkpoint per step, in turns; unmerged: every step unmerged "
+                       "(default: %(default)s)")
     serve.add_argument("--reasoning-parser", choices=sorted(REASONING_FORMATS), default=None,
                        help="the reasoning trace's format for every model served (default: "
                        "detected from the chat template in use, checkpoint's or model's)")

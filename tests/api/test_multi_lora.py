@@ -69,9 +69,11 @@ def test_a_rank_above_max_lora_rank_is_a_400_naming_it(client, server, default_m
 
 def test_the_lora_flags_of_serve_reach_the_engine_config():
     args = build_parser().parse_args(["serve", "--device", "cpu", "--max-loras", "4",
-                                      "--max-cpu-loras", "8", "--max-lora-rank", "128"])
+                                      "--max-cpu-loras", "8", "--max-lora-rank", "128",
+                                      "--lora-mode", "unmerged"])
     config = EngineConfig(**engine_options(args))
-    assert (config.max_loras, config.max_cpu_loras, config.max_lora_rank) == (4, 8, 128)
+    assert (config.max_loras, config.max_cpu_loras, config.max_lora_rank,
+            config.lora_mode) == (4, 8, 128, "unmerged")
     defaults = EngineConfig(**engine_options(build_parser().parse_args(["serve"])))
     assert (defaults.max_loras, defaults.max_cpu_loras, defaults.max_lora_rank) == (
         EngineConfig.max_loras, None, EngineConfig.max_lora_rank)
