@@ -8,12 +8,12 @@ import hmac
 from flask import Flask, Response, jsonify, request
 
 from api import chat, completions
-from api.chat import render_prompt
+from api.chat import render_chat_prompt
 from api.errors import APIError, register_error_handlers
 from api.limits import MAX_BODY_BYTES
 from api.metrics import Metrics
 from api.protocol import DetokenizeRequest, TokenizeRequest, parse_request
-from api.state import ServerConfig, ServerState, server_state
+from api.state import ResolvedModel, ServerConfig, ServerState, server_state
 
 # Routes counted in pokeserve_requests (others, like /metrics itself, are not).
 _COUNTED_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
@@ -82,15 +82,13 @@ def _models() -> Response:
 def _tokenize() -> Response:
     req: TokenizeRequest = parse_request(TokenizeRequest, request.get_data())
     state = server_state()
-    model = state.resolve_model(req.model) if req.model else None
+    model = state.resolve_model(req.model) if req.model else ResolvedModel(None, None)
     engine = state.require_engine()
     tokenizer = engine.tokenizer
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages")
     if req.messages is not None:
-        text = render_prompt(tokenizer, req.messages, req.chat_template_kwargs,
-                             chat_template=model.chat_template if model else None,
-                             add_generation_prompt=req.add_generation_prompt)
+        text, _ = render_chat_prompt(req, req.messages, model)   # what chat would send
         tokens = tokenizer.encode(text, add_special_tokens=False)
     else:
         tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)

@@ -23,11 +23,11 @@ from flask import Blueprint, Response, jsonify
 from api.errors import APIError
 from api.generation import Generation
 from api.logprobs import LogprobFormatter
-from api.protocol import ChatCompletionRequest
+from api.protocol import ChatCompletionRequest, ChatRendering
 from api.sse import sse_response
-from api.state import Accepted, accept, server_state
+from api.state import Accepted, ResolvedModel, accept, server_state
 from engine import ReasoningOptions, RequestOutput
-from engine.text.reasoning import thinking_budget
+from engine.text.reasoning import ReasoningFormat, thinking_budget
 
 bp = Blueprint("chat", __name__)
 
@@ -39,16 +39,7 @@ _RENDER_ARGUMENTS = {"add_generation_prompt", "continue_final_message", "tools",
 def create_chat_completion() -> Response:
     job = accept(ChatCompletionRequest)
     req, gen, tokenizer = job.req, job.generation, job.engine.tokenizer
-    prompt_text = render_prompt(tokenizer, req.messages, req.chat_template_kwargs,
-                                chat_template=job.model.chat_template, tools=req.tools,
-                                add_generation_prompt=req.add_generation_prompt,
-                                continue_final_message=req.continue_final_message)
-    fmt = server_state().reasoning_format(job.model, req.tools)
-    if req.reasoning_effort is not None and fmt is None:
-        raise APIError(400, f"the model `{req.model}` does not support reasoning_effort: its "
-                       "chat template writes no reasoning trace known to pokeserve (a "
-                       "server started with --reasoning-parser names one)",
-                       param="reasoning_effort")
+    prompt_text, fmt = render_chat_prompt(req, req.messages, job.model)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
     reasoning = None if fmt is None else ReasoningOptions(
         fmt, separate=req.separate_reasoning, budget=_thinking_budget(job, len(prompt_ids)))
@@ -70,6 +61,27 @@ def _thinking_budget(job: Accepted, num_prompt_tokens: int) -> int | None:
     budget = next((limit for limit in limits if limit is not None),
                   max(0, job.engine.max_model_len - num_prompt_tokens))
     return thinking_budget(effort, budget)
+
+
+def render_chat_prompt(req: ChatRendering, messages: list[dict],
+                       model: ResolvedModel) -> tuple[str, ReasoningFormat | None]:
+    """The prompt chat completions send for `messages` (and /tokenize shows), with the
+    reasoning format of the template that renders it. A format that takes the effort
+    natively (harmony) hears it through the template, unless chat_template_kwargs say
+    otherwise; an effort for a model without a format is a 400."""
+    fmt = server_state().reasoning_format(model, req.tools)
+    if req.reasoning_effort is not None and fmt is None:
+        model_name = f"the model `{req.model}`" if req.model else "this model"
+        raise APIError(400, f"{model_name} does not support reasoning_effort: its chat "
+                       "template writes no reasoning trace known to pokeserve (a server "
+                       "started with --reasoning-parser names one)", param="reasoning_effort")
+    kwargs = {**(fmt.template_kwargs(req.reasoning_effort) if fmt else {}),
+              **req.chat_template_kwargs}
+    text = render_prompt(server_state().engine.tokenizer, messages, kwargs,
+                         chat_template=model.chat_template, tools=req.tools,
+                         add_generation_prompt=req.add_generation_prompt,
+                         continue_final_message=req.continue_final_message)
+    return text, fmt
 
 
 def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict, **render_args) -> str:

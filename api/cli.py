@@ -8,7 +8,8 @@ import sys
 
 from engine.config import LORA_MODES, EngineConfig
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
-from engine.text.reasoning import REASONING_EFFORTS, REASONING_FORMATS
+from engine.text.reasoning import REASONING_EFFORTS
+from engine.text.reasoning_formats import REASONING_FORMATS
 
 API_KEY_ENV = "POKESERVE_API_KEY"
 _EFFORTS = ", ".join(f"{name}={value}" for name, value in REASONING_EFFORTS.items())
@@ -75,10 +76,7 @@ def _add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     serve.add_argument("--model", default=None, help="a Hugging Face model directory "
                        "(default: the embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--checkpoint-root", default=str(pokeserve_home() / "checkpoints"),
-                       help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME); "
-                       "default: $POKESERVE_HOME/checkpoints, where "
-                       "scripts/make_demo_checkpoints.py saves them")
+    _add_checkpoint_root(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", action="append",
@@ -135,6 +133,47 @@ def _add_serve_parser(commands) -> None:
     serve.set_defaults(func=_serve)
 
 
+def _add_checkpoint_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-root", default=str(pokeserve_home() / "checkpoints"),
+                        help="directory holding sampler checkpoints (tinker://RUN/KIND/NAME); "
+                        "default: $POKESERVE_HOME/checkpoints, where "
+                        "scripts/make_demo_checkpoints.py saves them")
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.checkpoints.errors import CheckpointError
+    from engine.checkpoints.export import export_checkpoint
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, model_dir=args.model,
+                                checkpoint_root=args.checkpoint_root, dtype=dtype, force=args.force)
+    except (CheckpointError, FileExistsError, FetchError) as exc:
+        print(f"pokeserve export: {exc}", file=sys.stderr)
+        return 1
+    print(out)  # the last line of output, for scripts
+    return 0
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write a checkpoint merged into its base as a Hugging Face model "
+        "directory that vLLM and SGLang serve unchanged")
+    export.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="tinker://RUN/KIND/NAME, a checkpoint directory or archive under "
+                        "the root, or the base model's name (no adapter)")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write")
+    export.add_argument("--model", default=None, help="the base model's directory "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    _add_checkpoint_root(export)
+    export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="dtype of the written weights (default: the base model's)")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.set_defaults(func=_export)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -149,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and print its directory")
     fetch.set_defaults(func=_fetch_model)
     _add_serve_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 

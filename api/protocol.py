@@ -185,18 +185,15 @@ class CompletionRequest(_GenerationRequest):
         return self.sampling_params(self.max_tokens, self.logprobs or 0, prompt_logprobs)
 
 
-class ChatCompletionRequest(_GenerationRequest):
-    messages: Messages
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+class ChatRendering(_Request):
+    """How chat messages are rendered into a prompt: what chat and /tokenize share."""
+
+    model: str | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=limits.MAX_TOOLS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    separate_reasoning: bool = True
     reasoning_effort: Any = None   # a name or a number; validated to a float in [0, 1]
-    response_format: dict[str, Any] | None = None   # accepted; not enforced
 
     @field_validator("reasoning_effort")
     @classmethod
@@ -206,6 +203,15 @@ class ChatCompletionRequest(_GenerationRequest):
             return None if value is None else parse_reasoning_effort(value)
         except ValueError as exc:
             raise ValueError(str(exc).removeprefix("reasoning_effort ")) from None
+
+
+class ChatCompletionRequest(_GenerationRequest, ChatRendering):
+    messages: Messages
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    separate_reasoning: bool = True
+    response_format: dict[str, Any] | None = None   # accepted; not enforced
 
     def to_sampling_params(self) -> SamplingParams:
         self.check()
@@ -219,13 +225,10 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.sampling_params(max_tokens, self.top_logprobs or 0)
 
 
-class TokenizeRequest(_Request):
-    model: str | None = None
+class TokenizeRequest(ChatRendering):
     prompt: str | None = None
     messages: Messages | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class DetokenizeRequest(_Request):

@@ -18,12 +18,8 @@ from engine import Engine
 from engine.checkpoints.errors import CheckpointError
 from engine.checkpoints.store import CheckpointInfo
 from engine.sampling_params import SamplingParams
-from engine.text.reasoning import (
-    PROBE_MESSAGES,
-    ReasoningFormat,
-    detect_reasoning_format,
-    reasoning_format_by_name,
-)
+from engine.text.reasoning import PROBE_MESSAGES, ReasoningFormat
+from engine.text.reasoning_formats import detect_reasoning_format, reasoning_format_by_name
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,43 @@ class LoraTarget:
 
 
 @dataclass(frozen=True)
+class LinearAttentionSpec:
+    """The linear-attention (Gated DeltaNet) layers of a hybrid model, which keep a
+    fixed-size state per sequence instead of a KV cache."""
+
+    layers: tuple[int, ...]    # their indices; every other layer is attention on the KV cache
+    num_key_heads: int
+    num_value_heads: int       # a multiple of num_key_heads: q and k heads are repeated
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_shape(self) -> tuple[int, int]:
+        """One sequence's conv state: the last kernel - 1 inputs of the q, k and v channels."""
+        return (2 * self.key_dim + self.value_dim, self.conv_kernel - 1)
+
+    @property
+    def recurrent_shape(self) -> tuple[int, int, int]:
+        """One sequence's recurrent state, kept in float32 whatever the model's dtype."""
+        return (self.num_value_heads, self.key_head_dim, self.value_head_dim)
+
+    def state_bytes(self, dtype: torch.dtype) -> int:
+        """One sequence's states over all linear-attention layers (conv states in `dtype`)."""
+        conv, rec = self.conv_shape, self.recurrent_shape
+        per_layer = conv[0] * conv[1] * dtype.itemsize + rec[0] * rec[1] * rec[2] * 4
+        return len(self.layers) * per_layer
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts every family shares, read from `config.json`.
 
@@ -54,6 +91,17 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def linear_attention(self) -> LinearAttentionSpec | None:
+        """Hybrid families (Qwen3.5) override this; None: every layer is attention."""
+        return None
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers with a KV cache."""
+        spec = self.linear_attention
+        return self.num_layers - (len(spec.layers) if spec else 0)
 
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> "ModelConfig":

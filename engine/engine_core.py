@@ -31,12 +31,13 @@ from engine.checkpoints.lora_serving import LoraServing
 from engine.checkpoints.merge import LoraManager
 from engine.config import EngineConfig
 from engine.messages import AbortRequest, AddRequest, Shutdown, StepOutputs
-from engine.model_runner import ModelRunner, kv_cache_block_bytes
+from engine.model_runner import ModelRunner, cache_capacity
 from engine.models.loader import load_model
 from engine.models.registry import load_model_config
 from engine.outputs import EngineStats, ErrorKind, RequestOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SequenceUpdate
 from engine.sequence import Sequence
+from engine.state_slots import StateSlotAllocator
 from engine.text.pipeline import TextPipeline
 from engine.text.tokenizer import Tokenizer
 from kernels import get_lora_ops
@@ -58,16 +59,15 @@ class EngineCore:
         cfg = load_model_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress)
-        num_blocks = ecfg.num_kv_blocks or (
-            ecfg.kv_cache_bytes() // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
-        if num_blocks < 1:
-            raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
-                             "or give kv_cache_memory / num_kv_blocks")
+        num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings, num_blocks * ecfg.block_size)
-        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
+        # A cached block cannot restore a linear-attention state: no prefix caching there.
+        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
+                                          and cfg.linear_attention is None)
+        self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
         # Exact base copies live in host memory: the KV cache already took the GPU's spare.
         merger = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu",
                              max_cached=ecfg.max_cpu_loras, max_rank=ecfg.max_lora_rank)
@@ -76,8 +76,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens, eos_token_ids=cfg.eos_token_ids,
                                    max_model_len=self.max_model_len, max_loras=ecfg.max_loras,
-                                   mixable=self.lora.mixable)
-        self.runner = ModelRunner(model, cfg, ecfg, num_blocks)
+                                   mixable=self.lora.mixable, state_slots=self.state_slots)
+        self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
         self._num_unmerged_steps = 0
         self._samples: dict[str, _Sample] = {}
         self._arrivals = 0
@@ -85,10 +85,11 @@ class EngineCore:
         self._last_stats: EngineStats | None = None
 
     def stats(self) -> EngineStats:
-        s, bm = self.scheduler, self.block_manager
+        s, bm, slots = self.scheduler, self.block_manager, self.state_slots
         return EngineStats(len(s.running), s.num_waiting, bm.num_free_blocks, bm.num_total_blocks,
                            s.num_preemptions, s.num_prefix_cached_tokens,
-                           s.num_computed_prompt_tokens, self._num_unmerged_steps)
+                           s.num_computed_prompt_tokens, self._num_unmerged_steps,
+                           slots.num_free_slots, slots.num_total_slots)
 
     def run(self, inbox: queue.SimpleQueue, emit: Callable[[StepOutputs], None]) -> None:
         """The loop, until a Shutdown message. Each turn emits what it produced."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.config import EngineConfig, ModelConfig
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear_attention import LinearAttentionState, StateSlotMetadata
 from engine.outputs import SeqStepResult
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -26,22 +27,49 @@ Slots = dict[Path | None, int]   # checkpoint -> its adapter slot, in a step tha
 
 
 def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.kv_size * dtype.itemsize
+    return 2 * cfg.num_attention_layers * block_size * cfg.kv_size * dtype.itemsize
+
+
+def cache_capacity(cfg: ModelConfig, ecfg: EngineConfig) -> tuple[int, int]:
+    """(KV blocks, state slots) for the memory budget (call once the weights are loaded).
+
+    A model with linear-attention layers gets a state slot for each sequence a step may
+    hold, `max_num_seqs`, but at most half the budget's worth; the KV blocks get the rest
+    (with `num_kv_blocks` given, the state pool comes on top).
+    """
+    spec = cfg.linear_attention
+    slot_bytes = spec.state_bytes(ecfg.dtype) if spec else 0
+    if ecfg.num_kv_blocks:
+        num_blocks, num_slots = ecfg.num_kv_blocks, ecfg.max_num_seqs if spec else 0
+    else:
+        budget = ecfg.kv_cache_bytes()
+        num_slots = min(ecfg.max_num_seqs, budget // 2 // slot_bytes) if spec else 0
+        num_blocks = ((budget - num_slots * slot_bytes)
+                      // kv_cache_block_bytes(cfg, ecfg.block_size, ecfg.dtype))
+    if num_blocks < 1 or (spec and num_slots < 1):
+        raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
+                         "or give kv_cache_memory / num_kv_blocks")
+    return num_blocks, num_slots
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device | str) -> list[torch.Tensor]:
-    """One cache per layer: the k heads, then the v heads (see engine.layers.attention)."""
+                       device: torch.device | str, num_state_slots: int = 0) -> list:
+    """One cache per layer, by its type: an attention layer's paged KV tensor (the k heads,
+    then the v heads: see engine.layers.attention), a linear-attention layer's state pool."""
+    spec = cfg.linear_attention
+    linear = set(spec.layers) if spec else set()
     shape = (2 * cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+    return [LinearAttentionState.allocate(spec, num_state_slots, dtype, device) if i in linear
+            else torch.zeros(shape, dtype=dtype, device=device) for i in range(cfg.num_layers)]
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, ecfg: EngineConfig,
-                 num_blocks: int) -> None:
+                 num_blocks: int, num_state_slots: int = 0) -> None:
         self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
         self.device = torch.device(ecfg.device)
-        self.kv_caches = allocate_kv_caches(cfg, num_blocks, ecfg.block_size, ecfg.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(cfg, num_blocks, ecfg.block_size, ecfg.dtype,
+                                            self.device, num_state_slots)
         self.sampler = Sampler(ecfg.sampler_backend, self.device, cfg.eos_token_ids)
 
     @torch.inference_mode()
@@ -55,6 +83,7 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         self._copy_blocks(batch.block_copies)
+        self._copy_states(batch.state_copies)
         input_ids, positions, meta = self._prepare(seqs, counts)
         row_slots = None
         if slots is not None:
@@ -81,11 +110,15 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        num_decodes = sum(1 for n in counts if n == 1)
+        state_slots = None if self.cfg.linear_attention is None else StateSlotMetadata.build(
+            [s.state_slot for s in seqs], [s.num_computed_tokens == 0 for s in seqs], num_decodes,
+            self.device)
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
             context_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
-            query_lens=counts, num_decodes=sum(1 for n in counts if n == 1),
-            block_size=self.block_size)
+            query_lens=counts, num_decodes=num_decodes, block_size=self.block_size,
+            state_slots=state_slots)
         return as_tensor(input_ids), as_tensor(positions), meta
 
     def _sample(self, logits, seqs, counts, starts, results) -> None:
@@ -110,7 +143,19 @@ class ModelRunner:
             return
         src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
         for kv_cache in self.kv_caches:                # [2 * kv_heads, blocks, block_size, D]
-            kv_cache[:, dst] = kv_cache[:, src]
+            if isinstance(kv_cache, torch.Tensor):
+                kv_cache[:, dst] = kv_cache[:, src]
+
+    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy state slots (a fork's: the state its leader's prefill left) in every
+        linear-attention layer."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
+        for cache in self.kv_caches:
+            if isinstance(cache, LinearAttentionState):
+                cache.conv[dst] = cache.conv[src]
+                cache.recurrent[dst] = cache.recurrent[src]
 
     def _prompt_logprobs(self, logits, seqs, counts, starts, results) -> None:
         """Logprob of each prompt token given its prefix, for the prompt tokens that this

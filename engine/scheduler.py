@@ -4,11 +4,12 @@ Every step the scheduler hands each chosen sequence a number of new tokens to ru
 one for a decode, up to the whole remaining prompt for a prefill, cut to fit the
 step's token budget (that cut is chunked prefill: a long prompt no longer stalls the
 decodes that run beside it). Running sequences come first, oldest first; waiting
-ones join while the sequence and token budgets and the free blocks allow.
+ones join while the sequence and token budgets and the free blocks allow (and, for a
+model with linear-attention layers, a free state slot: engine.state_slots).
 
-When the cache is full, the youngest running sequence is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed later. Nothing is
-ever dropped.
+When the cache is full, the youngest running sequence is preempted: its blocks (and
+state slot) are freed and it goes back to the front of the queue, to be recomputed
+later. Nothing is ever dropped.
 
 A prompt is computed once: the samples of one prompt follow their first sample and
 fork from it when its prefill ends (its first token is sampled for each of them from
@@ -39,6 +40,7 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
+from engine.state_slots import StateSlotAllocator
 
 
 @dataclass
@@ -47,6 +49,8 @@ class ScheduledBatch:
     num_new_tokens: list[int]            # per sequence, same order
     # KV blocks to copy (source, destination) before the step: forks' partial blocks.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # State slots to copy (source, destination) before the step: forks' states.
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def checkpoints(self) -> list[Path | None]:
@@ -81,9 +85,10 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
-                 max_loras: int = 16,
-                 mixable: Callable[[Path | None], bool] = _always) -> None:
+                 max_loras: int = 16, mixable: Callable[[Path | None], bool] = _always,
+                 state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
+        self.state_slots = state_slots or StateSlotAllocator(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_steps_per_checkpoint = max_steps_per_checkpoint
@@ -100,6 +105,7 @@ class Scheduler:
         self.last_served: dict[Path | None, int] = {}
         self.preempted_this_step = False
         self._pending_copies: list[tuple[int, int]] = []
+        self._pending_state_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0                # since start, for stats and tests
         self.num_prefix_cached_tokens = 0       # since start: prompt tokens served from the cache
         self.num_computed_prompt_tokens = 0     # since start: prompt positions run through the model
@@ -154,7 +160,8 @@ class Scheduler:
         self.steps_on_checkpoints += 1
         self.step_count += 1
         copies, self._pending_copies = self._pending_copies, []
-        return ScheduledBatch(seqs, counts, copies)
+        state_copies, self._pending_state_copies = self._pending_state_copies, []
+        return ScheduledBatch(seqs, counts, copies, state_copies)
 
     def update(self, batch: ScheduledBatch,
                results: dict[Sequence, SeqStepResult]) -> list[SequenceUpdate]:
@@ -206,16 +213,18 @@ class Scheduler:
 
     def _fork_followers(self, leader: Sequence) -> list[Sequence]:
         """The leader's prefill ended and the step sampled a first token for each follower:
-        each takes the leader's cache and joins the running batch beside it. A follower
-        that finds no free block for its copy is prefilled on its own instead."""
+        each takes the leader's cache (and a copy of its state) and joins the running batch
+        beside it. A follower that finds no free block for its copy (or no free state slot)
+        is prefilled on its own instead."""
         forked = []
         for follower in leader.followers:
             follower.leader = None
-            copies = self.bm.fork(leader, follower)
+            copies = self.bm.fork(leader, follower) if self.state_slots.can_allocate() else None
             if copies is None:
                 self.waiting.appendleft(follower)
                 continue
             self._pending_copies += copies
+            self._pending_state_copies += self.state_slots.fork(leader, follower)
             follower.status = SequenceStatus.RUNNING
             follower.prompt_logprobs = list(leader.prompt_logprobs)
             follower.prompt_top_logprobs = list(leader.prompt_top_logprobs)
@@ -246,6 +255,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
             self.bm.append_slots(seq, n)
+            self.state_slots.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
@@ -290,7 +300,7 @@ class Scheduler:
     def _make_room_to_admit(self, seq: Sequence, num_new_tokens: int, nothing_scheduled: bool) -> bool:
         """A new sequence waits for running ones to finish, unless this step would do
         nothing at all: then paused sequences of other checkpoints give way."""
-        while not self.bm.can_append(seq, num_new_tokens):
+        while not (self.bm.can_append(seq, num_new_tokens) and self.state_slots.can_allocate()):
             if not nothing_scheduled or not self.running:
                 return False
             self.preempt(self.running[-1])
@@ -301,12 +311,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.bm.free_blocks(seq)
+        self.state_slots.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Finished, aborted or failed: free its blocks at once. A leader that ends
-        before its prefill hands its followers to the next of them. Idempotent."""
+        """Finished, aborted or failed: free its blocks and state slot at once. A leader
+        that ends before its prefill hands its followers to the next of them. Idempotent."""
         if seq.status is SequenceStatus.FINISHED:
             return
         if seq.leader is not None:          # a follower that never forked
@@ -318,6 +329,7 @@ class Scheduler:
             elif seq in self.waiting:
                 self.waiting.remove(seq)
             self.bm.free_blocks(seq)
+            self.state_slots.free(seq)
             if seq.followers:               # the next sample takes its place, at the front
                 heir, *rest = seq.followers
                 heir.leader, seq.followers = None, []

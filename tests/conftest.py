@@ -63,3 +63,12 @@ def tiny_gpt_oss_mxfp4_dir(tiny_harmony_model_dir) -> Path:
     from tests.tiny_models import save_mxfp4_copy
 
     return save_mxfp4_copy(tiny_harmony_model_dir, tiny_harmony_model_dir.parent / "mxfp4")
+
+
+@pytest.fixture(scope="session")
+def hybrid_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory of a tiny random Qwen3.5 model (see tests/tiny_models.py)."""
+    from tests.tiny_models import hybrid_configs, save_tiny_model
+
+    root = tmp_path_factory.mktemp("hybrid-models")
+    return {name: save_tiny_model(cfg, root / name) for name, cfg in hybrid_configs().items()}

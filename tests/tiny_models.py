@@ -21,9 +21,9 @@ _CORPUS = ["the quick brown fox jumps over the lazy dog", "pokeserve serves chec
 
 
 def _common(**extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID, **extra)
+    return dict(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID), **extra)
 
 
 def family_configs() -> dict:
@@ -51,18 +51,52 @@ def moe_config():
     return Qwen3MoeConfig(**{**fields, "num_hidden_layers": 3})
 
 
+def hybrid_configs() -> dict:
+    """name -> transformers config of a Qwen3.5 model: three linear-attention layers, then
+    one gated-attention layer, with the hub's multimodal rotary sections; dense and MoE
+    (4 experts, top 2, and a shared expert), text and vision-language layouts."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeTextConfig,
+        Qwen3_5TextConfig,
+    )
+
+    text = _common(head_dim=32, num_hidden_layers=4, linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                    "mrope_interleaved": True})
+    moe = {**{k: v for k, v in text.items() if k != "intermediate_size"}, "num_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 48}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=4, num_position_embeddings=16)
+    return {
+        "qwen3_5-text": Qwen3_5TextConfig(**text, tie_word_embeddings=False),
+        # The vision-language model ties by its own flag; the hub sets the text one alike.
+        "qwen3_5-vl-tied": Qwen3_5Config(text_config=dict(text, tie_word_embeddings=True),
+                                         vision_config=vision, tie_word_embeddings=True),
+        "qwen3_5_moe-text": Qwen3_5MoeTextConfig(**moe, tie_word_embeddings=False),
+        "qwen3_5_moe-vl": Qwen3_5MoeConfig(text_config=moe, vision_config=vision),
+    }
+
+
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
-    """Saved with `save_pretrained` (MoE experts: one tensor per expert, as on the hub)."""
-    config.vocab_size = save_tiny_tokenizer(path)  # every model id is a tokenizer id
+    """Saved with `save_pretrained` in the layout its config names (a vision-language
+    config saves the whole model, tower included; MoE experts one tensor per expert, as
+    on the hub)."""
+    config.get_text_config().vocab_size = save_tiny_tokenizer(path)  # model ids = tokenizer ids
     _save_random_model(config, path, seed)
     return path
 
 
 def _save_random_model(config, path: Path, seed: int) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make the random model less flat, so greedy choices are clear-cut
         for name, p in model.named_parameters():
             if p.dim() >= 2:   # matrices, and the experts' stacks of them

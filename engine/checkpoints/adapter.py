@@ -11,10 +11,13 @@ Accepted tensor names, `<m>` being a module of the Hugging Face model:
   `base_model.model.model.embed_tokens.lora_embedding_A` (no `.weight`);
 - the training service: the output head as `model.unembed_tokens` (means `lm_head`),
   a layer's attention as `<layer>.attn` in gpt-oss adapters (means `self_attn`),
-  the input embedding with plain `lora_A.weight` / `lora_B.weight`, and the experts of
+  the input embedding with plain `lora_A.weight` / `lora_B.weight`, the experts of
   a MoE layer as 3-D factors `<layer>.mlp.experts.w1` (gate_proj), `w3` (up_proj) and
   `w2` (down_proj): A [E or 1, r, in] and B [E or 1, out, r], where a leading 1 is one
-  factor shared by every expert. Expert e's delta is `B[e] @ A[e]`.
+  factor shared by every expert (expert e's delta is `B[e] @ A[e]`), and for Qwen3.5
+  separate `in_proj_q`, `in_proj_k`, `in_proj_v` factors for slices of the fused
+  `in_proj_qkv` (the model's `param_slice` places them);
+- a vision-language model's text modules as `model.language_model.<...>`.
 For the input embedding A is [r, vocab] (used as a lookup) and B is [hidden, r], so its
 delta is `(B @ A).T`. A MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`: a linear
 layer hidden -> E) merges like any other linear module.
@@ -50,6 +53,9 @@ EXPERT_MODULES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _EXPERT_MODULE = re.compile(r"\.experts\.(w[123])$")
 # ... and for a layer's attention in gpt-oss adapters (`model.layers.3.attn.q_proj`).
 _ATTENTION_ALIAS = re.compile(r"^(model\.layers\.\d+)\.attn\.")
+# A vision-language checkpoint (Qwen3.5) nests the text model: PEFT over it names
+# `model.language_model.layers...` what the text model calls `model.layers...`.
+LANGUAGE_MODEL_PREFIX = re.compile(r"^model\.language_model\.")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 _LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
@@ -200,12 +206,13 @@ def _rank(name: str, target: LoraTarget, a_shape: tuple[int, ...], b_shape: tupl
 
 def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) -> str:
     """The served model's module for an adapter's module name; refuses what we cannot merge."""
-    served = MODULE_ALIASES.get(name, name)
+    served = LANGUAGE_MODEL_PREFIX.sub("model.", name)
+    served = MODULE_ALIASES.get(served, served)
     served = _EXPERT_MODULE.sub(lambda m: f".experts.{EXPERT_MODULES[m[1]]}", served)
     served = _ATTENTION_ALIAS.sub(r"\1.self_attn.", served)
     if served in targets:
         return served
-    match = _LAYER.match(name)
+    match = _LAYER.match(served)
     if match and int(match["layer"]) >= cfg.num_layers:
         raise CheckpointInvalid(f"{name}: layer {match['layer']} does not exist "
                                 f"(the base model has {cfg.num_layers} layers)")

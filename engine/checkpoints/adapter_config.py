@@ -34,10 +34,17 @@ class AdapterConfig:
     @classmethod
     def from_dir(cls, adapter_dir: Path) -> "AdapterConfig":
         try:
-            raw = json.loads((adapter_dir / CONFIG_FILE).read_text())
+            return cls.from_json((adapter_dir / CONFIG_FILE).read_bytes())
         except FileNotFoundError:
             raise CheckpointInvalid(f"{CONFIG_FILE} is missing") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise CheckpointInvalid(f"{CONFIG_FILE} is not readable: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "AdapterConfig":
+        try:
+            raw = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointInvalid(f"{CONFIG_FILE} is not readable JSON: {e}") from None
         if not isinstance(raw, dict):
             raise CheckpointInvalid(f"{CONFIG_FILE} must hold a JSON object")

@@ -20,11 +20,12 @@ class CheckpointNotFound(CheckpointError):
 
 
 class CheckpointIncomplete(CheckpointError):
-    """The checkpoint directory exists but its `checkpoint_complete` marker does not yet."""
+    """The checkpoint exists but is still being written: its directory or archive has no
+    `checkpoint_complete` marker yet, or its archive is cut short."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"Checkpoint `{name}` is still being written (no `checkpoint_complete` "
-                         "marker yet); try again once the training job has finished saving it.")
+    def __init__(self, name: str, why: str = "no `checkpoint_complete` marker yet") -> None:
+        super().__init__(f"Checkpoint `{name}` is still being written ({why}); try again once "
+                         "the training job has finished saving it.")
 
 
 class CheckpointInvalid(CheckpointError):

@@ -76,11 +76,13 @@ class AdapterCache:
 class LoraManager:
     def __init__(self, model: nn.Module, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
                  backup_device: str | torch.device | None = None, max_cached: int | None = None,
-                 max_rank: int | None = None) -> None:
+                 max_rank: int | None = None, keep_base: bool = True) -> None:
         """`cache_bytes` and `max_cached` bound the cached adapters (float32 factors on the
         model's device); `backup_device` holds the exact base copies (default: the model's
-        device); adapters of a rank above `max_rank` are refused."""
+        device); adapters of a rank above `max_rank` are refused. `keep_base=False` merges
+        one adapter for good (an export): no base copies, no second `activate`."""
         self.model = model
+        self.keep_base = keep_base
         self.cache = AdapterCache(cache_bytes, max_cached)
         self.allow_pickle, self.max_rank = allow_pickle, max_rank
         self._device = model.embed_tokens.weight.device
@@ -107,6 +109,8 @@ class LoraManager:
         Raises CheckpointInvalid if the adapter cannot be read; the model is then unchanged.
         """
         key = None if checkpoint_dir is None else adapter_key(Path(checkpoint_dir))
+        if not self.keep_base and self._active is not None:
+            raise RuntimeError("this LoraManager keeps no base copies: it merges once")
         deleted_in_use = key is not None and key[1:] == MISSING and key[0] == self.active
         if key == self._active or deleted_in_use:
             return   # unchanged; or deleted while in use: finish its requests with what is merged
@@ -163,7 +167,10 @@ class LoraManager:
 
     def _base_copy(self, name: str) -> torch.Tensor:
         # A weight is copied before it is first modified, so the live weight is still base.
-        # A tied head's base is the embedding's.
+        # A tied head's base is the embedding's. Without copies, the base is the live weight
+        # itself, merged in place (an untied head is already its own copy).
+        if not self.keep_base:
+            return self.model.get_parameter(name).detach()
         source = EMBED if self._tied and name == LM_HEAD else name
         if source not in self._base:
             weight = self.model.get_parameter(source).detach()

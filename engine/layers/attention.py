@@ -25,11 +25,15 @@ of long ones; each prefill chunk is a group of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from kernels.lora_mapping import LoraMapping
+
+if TYPE_CHECKING:
+    from engine.layers.linear_attention import StateSlotMetadata
 
 
 @dataclass
@@ -79,7 +83,8 @@ class AttentionMetadata:
     query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
     num_decodes: int             # the first num_decodes sequences have query_len 1
     block_size: int
-    lora: LoraMapping | None = None
+    lora: LoraMapping | None = None                # steps that mix checkpoints
+    state_slots: StateSlotMetadata | None = None   # models with linear-attention layers
 
     def __post_init__(self) -> None:
         lens = self.context_lens

@@ -1,13 +1,11 @@
 """The Llama family: Llama 2/3.x, Qwen2/2.5 (q/k/v bias) and Qwen3 dense (q/k norm).
 
 The three differ only in two switches of `ModelConfig` (`qkv_bias`, `qk_norm`), so one
-file serves them. q/k/v and gate/up are fused into one projection each; `param_slice`
-says where a Hugging Face weight lands inside them (the loader and LoRA both use it).
+file serves them. q/k/v and gate/up are fused into one projection each (see
+engine.models.causal_lm for where a Hugging Face weight lands inside them).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from engine.layers.embedding import Embedding
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary_
+from engine.models.causal_lm import CausalLM
 from kernels.lora_mapping import LoraMapping
 
 # Hugging Face module -> (fused module, index of its shard inside the fused one).
@@ -101,8 +100,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     config_class = ModelConfig
+    packed_modules = PACKED_MODULES
     norm_class = RMSNorm        # gpt-oss applies the norm's weight in float32
     # Its layers add each row's adapter from `meta.lora`: checkpoints may share a step.
     supports_lora_slots = True
@@ -130,56 +130,11 @@ class LlamaForCausalLM(nn.Module):
         """Layer `layer`'s feed-forward block (a family with experts overrides this)."""
         return MLP(cfg)
 
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
-        x = self.embed_tokens(input_ids, meta.lora)
-        rope = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor,
-                       lora: LoraMapping | None = None) -> torch.Tensor:
-        """hidden: [n, hidden] -> float32 logits [n, vocab]; `lora`: these n rows by slot."""
-        return self.lm_head(hidden, lora).float()
-
-    @classmethod
-    def lora_targets(cls, cfg: ModelConfig) -> dict[str, LoraTarget]:
-        """The projections of every layer, by Hugging Face name (see engine.models.registry)."""
-        return {f"model.layers.{i}.{name}": target for i in range(cfg.num_layers)
-                for name, target in cls.layer_lora_targets(cfg, i).items()}
-
     @staticmethod
     def layer_lora_targets(cfg: ModelConfig, layer: int) -> dict[str, LoraTarget]:
         """Layer `layer`'s adaptable modules, by their name inside the layer."""
         return {**attention_lora_targets(cfg),
                 **mlp_lora_targets(cfg.hidden_size, cfg.intermediate_size)}
-
-    @staticmethod
-    def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A checkpoint tensor in the layout of the parameter it fills: as it is here
-        (a family whose checkpoints lay a weight out otherwise overrides this)."""
-        return tensor
-
-    def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
-        """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
-
-        `model.layers.3.self_attn.k_proj.weight` -> (`layers.3.self_attn.qkv_proj.weight`,
-        the k rows); unfused names map to themselves with no slice.
-        """
-        name = hf_name.removeprefix("model.")
-        match = re.search(r"\.(\w+_proj)\.(weight|bias)$", name)
-        if not match or match.group(1) not in PACKED_MODULES:
-            return name, None
-        fused, shard = PACKED_MODULES[match.group(1)]
-        sizes = self._shard_sizes(fused)
-        start = sum(sizes[:shard])
-        return name[:match.start(1)] + fused + "." + match.group(2), slice(start, start + sizes[shard])
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg

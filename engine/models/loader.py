@@ -20,6 +20,9 @@ from engine.models.registry import model_class
 
 # Hugging Face keeps these buffers in some checkpoints; we recompute them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What the engine never runs, skipped unread as transformers skips it: a vision-language
+# checkpoint's vision tower, and multi-token-prediction heads (Qwen3.5, DeepSeek-V3).
+IGNORED_PREFIXES = ("model.visual.", "mtp.")
 
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
@@ -48,6 +51,11 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str | torch.devi
     return model.eval()
 
 
+def _ignored(hf_name: str, cfg: ModelConfig) -> bool:
+    return (hf_name.endswith(IGNORED_SUFFIXES) or hf_name.startswith(IGNORED_PREFIXES)
+            or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"))
+
+
 def _checkpoint_tensors(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
                         device: str | torch.device,
                         progress: bool) -> Iterator[tuple[Path, str, torch.Tensor]]:
@@ -60,8 +68,7 @@ def _checkpoint_tensors(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
         with safe_open(path, framework="pt") as f:
             for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,
                                 leave=False):
-                if hf_name.endswith(IGNORED_SUFFIXES) or (
-                        cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                if _ignored(hf_name, cfg):
                     continue
                 tensor = f.get_tensor(hf_name)
                 if mxfp4 is not None and mxfp4.is_half(hf_name):

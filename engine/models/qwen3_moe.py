@@ -16,6 +16,7 @@ The hub's configs name the expert count `num_experts`; transformers 5 writes it 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +25,9 @@ from torch import nn
 from engine.config import LoraTarget, ModelConfig
 from engine.layers.moe import SparseMoE, expert_lora_targets, expert_param_slice, softmax_topk
 from engine.models.llama import MLP, LlamaForCausalLM, attention_lora_targets
+
+# transformers' fused expert tensors, as `state_dict()` names them: `...mlp.experts.gate_up_proj`
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<fused>gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -83,3 +87,18 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
         name = hf_name.removeprefix("model.")
         return (expert_param_slice(name, self.cfg.moe_intermediate_size)
                 or super().param_slice(hf_name))
+
+    def hub_names(self, names: list[str]) -> list[str]:
+        """The hub's names for a base holding `names` (engine.models.hub_weights): one
+        tensor per expert and projection, whichever of the two layouts the base has."""
+        return [hub for name in names for hub in _per_expert(name, self.cfg.num_experts)]
+
+
+def _per_expert(name: str, num_experts: int) -> list[str]:
+    """`<p>.experts.gate_up_proj` -> every expert's `gate_proj` and `up_proj` weights;
+    any other name stays itself."""
+    match = _FUSED_EXPERTS.match(name)
+    if not match:
+        return [name]
+    projections = ("gate_proj", "up_proj") if match["fused"] == "gate_up_proj" else ("down_proj",)
+    return [f"{match['prefix']}.{e}.{p}.weight" for e in range(num_experts) for p in projections]

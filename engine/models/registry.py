@@ -17,6 +17,8 @@ from torch import nn
 from engine.config import LoraTarget, ModelConfig
 from engine.models.gpt_oss import GptOssForCausalLM
 from engine.models.llama import LlamaForCausalLM
+from engine.models.qwen3_5 import Qwen3_5ForCausalLM
+from engine.models.qwen3_5_moe import Qwen3_5MoeForCausalLM
 from engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 FAMILIES: dict[str, type[nn.Module]] = {
@@ -25,6 +27,10 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen3": LlamaForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "gpt_oss": GptOssForCausalLM,
+    "qwen3_5_text": Qwen3_5ForCausalLM,
+    "qwen3_5": Qwen3_5ForCausalLM,        # the hub's vision-language layout; text only here
+    "qwen3_5_moe_text": Qwen3_5MoeForCausalLM,
+    "qwen3_5_moe": Qwen3_5MoeForCausalLM,
 }
 
 

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from engine.text.detokenizer import IncrementalDetokenizer
+from engine.text.reasoning import ReasoningFormat
 from engine.text.tokenizer import Tokenizer
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
@@ -60,6 +61,31 @@ def renders_harmony(prompt_text: str) -> bool:
     """True when a rendered generation prompt is harmony's (it ends with the opened
     assistant header): the check the reasoning-format table runs on what a template renders."""
     return prompt_text.endswith(GENERATION_PROMPT)
+
+
+class Harmony(ReasoningFormat):
+    """The format: harmony's channels, recognised by the generation prompt it renders."""
+
+    name = "harmony"
+    forced_end = FORCED_FINAL
+
+    def writes(self, thinking_prompt: str, no_thinking_prompt: str) -> bool:
+        return renders_harmony(thinking_prompt)
+
+    def opens_trace(self, prompt_end: str) -> bool:
+        return renders_harmony(prompt_end)
+
+    def splitter(self, tokenizer: Tokenizer, prompt_ids: list[int], prompt_end: str,
+                 separate: bool) -> HarmonySplitter:
+        return HarmonySplitter(tokenizer, prompt_ids, separate_reasoning=separate)
+
+    def template_kwargs(self, effort: float | None) -> dict:
+        """gpt-oss's template takes `reasoning_effort` itself (its system message's
+        `Reasoning: low|medium|high`); without one it uses its own default."""
+        return {} if effort is None else {"reasoning_effort": harmony_effort(effort)}
+
+
+HARMONY = Harmony()
 
 
 class _Phase(enum.Enum):
@@ -118,6 +144,11 @@ class HarmonySplitter:
             text = self._released_text(self._step(token))
             (reasoning if self._is_reasoning() else content).append(text)
         return "".join(reasoning), "".join(content)
+
+    def feed_token(self, token_id: int, text: str) -> tuple[str, str]:
+        """`feed` for one token (the TraceSplitter interface): its text is not needed,
+        each body is decoded on its own."""
+        return self.feed([token_id])
 
     def finish(self) -> tuple[str, str]:
         """The output is complete (or cut off): release the text still held back."""

@@ -4,10 +4,12 @@ reasoning and answer.
 Per token, in order:
 1. the incremental detokenizer turns it into new text (none while a character is
    still incomplete);
-2. the stop checker releases what can no longer be part of a stop string, and says
-   when one completes (stop strings count only from `min_tokens` on, as in vLLM);
-3. the reasoning splitter sorts the released text into reasoning and content, holding
-   back what may still be a marker, and counts the trace's tokens;
+2. the reasoning format's splitter sorts the output into reasoning and content (from
+   the text for `<think>` tags, from the token ids for harmony), holding back what may
+   still be a marker, and counts the trace's tokens;
+3. the stop checker releases what of the content can no longer be part of a stop string,
+   and says when one completes (stop strings count only from `min_tokens` on, as in
+   vLLM). Stop strings apply to the answer: a trace that mentions one goes on;
 4. once the trace has used its thinking budget, the pipeline asks for the format's
    forced end marker as the next tokens (`take_forced_ids`).
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
-from engine.text.reasoning import ReasoningFormat, ReasoningSplitter, prompt_opens_trace
+from engine.text.reasoning import ReasoningFormat, TraceSplitter
 from engine.text.stop_checker import StopChecker
 from engine.text.tokenizer import Tokenizer
 
@@ -48,10 +50,14 @@ class ReasoningOptions:
 class TextDelta:
     """What one token releases."""
 
-    text: str = ""                  # output text, stop strings applied
-    reasoning: str = ""             # the part of it that is reasoning (when separated)
-    content: str = ""               # the part that is the answer
+    reasoning: str = ""             # the trace (when separated)
+    content: str = ""               # the answer, stop strings applied
     stop_string: str | None = None  # a stop string completed: the sequence ends here
+
+    @property
+    def text(self) -> str:
+        """All the output text released: without a reasoning format, the raw text."""
+        return self.reasoning + self.content
 
 
 class TextPipeline:
@@ -61,17 +67,16 @@ class TextPipeline:
         self.stops = StopChecker(params.stop_strings, params.include_stop_str_in_output)
         self.params = params
         self.num_tokens = 0
-        self.separate = reasoning is not None and reasoning.separate
-        self.splitter: ReasoningSplitter | None = None
+        self.splitter: TraceSplitter | None = None
         self._budget: int | None = None
         self._end_ids: list[int] = []
         if reasoning is not None:
+            fmt = reasoning.format
             prompt_end = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-            self.splitter = ReasoningSplitter(reasoning.format, prompt_end)
-            if reasoning.budget is not None and prompt_opens_trace(reasoning.format, prompt_end):
+            self.splitter = fmt.splitter(tokenizer, prompt_ids, prompt_end, reasoning.separate)
+            if reasoning.budget is not None and fmt.opens_trace(prompt_end):
                 self._budget = reasoning.budget
-                self._end_ids = tokenizer.encode(reasoning.format.forced_end,
-                                                 add_special_tokens=False)
+                self._end_ids = tokenizer.encode(fmt.forced_end, add_special_tokens=False)
         self._forced: list[int] = []
         self._check_budget()
 
@@ -85,22 +90,20 @@ class TextPipeline:
         output unless it is a requested stop token and include_stop_str_in_output),
         or "length" (its last token)."""
         self.num_tokens += 1
-        new_text = self.detokenizer.add(token_id)
-        delta = TextDelta()
-        if ended_by == "stop":
-            shown = (self.params.include_stop_str_in_output
-                     and token_id in self.params.stop_token_set)
-            delta.text = (self.stops.feed(new_text)[0] if shown else "") + self.stops.flush()
-        elif self.num_tokens < self.params.min_tokens:
-            delta.text = self.stops.flush() + new_text
+        text = self.detokenizer.add(token_id)
+        if ended_by == "length":        # a character cut off by the limit is released as is
+            text += self.detokenizer.flush()
+        elif ended_by == "stop" and not (self.params.include_stop_str_in_output
+                                         and token_id in self.params.stop_token_set):
+            text = ""
+        reasoning, content = self._split(token_id, text, final=ended_by is not None)
+        delta = TextDelta(reasoning=reasoning)
+        if self.num_tokens < self.params.min_tokens:
+            delta.content = self.stops.flush() + content
         else:
-            if ended_by == "length":   # a character cut off by the limit is released as is
-                new_text += self.detokenizer.flush()
-            delta.text, delta.stop_string = self.stops.feed(new_text)
-            if ended_by == "length" and delta.stop_string is None:
-                delta.text += self.stops.flush()
-        final = ended_by is not None or delta.stop_string is not None
-        delta.reasoning, delta.content = self._split(delta.text, final)
+            delta.content, delta.stop_string = self.stops.feed(content)
+            if ended_by is not None and delta.stop_string is None:
+                delta.content += self.stops.flush()
         self._check_budget()
         return delta
 
@@ -110,14 +113,14 @@ class TextPipeline:
         forced, self._forced = self._forced, []
         return forced
 
-    def _split(self, text: str, final: bool) -> tuple[str, str]:
+    def _split(self, token_id: int, text: str, final: bool) -> tuple[str, str]:
         if self.splitter is None:
             return "", text
-        reasoning, content = self.splitter.feed(text, num_tokens=1)
+        reasoning, content = self.splitter.feed_token(token_id, text)
         if final:
             last_reasoning, last_content = self.splitter.finish()
             reasoning, content = reasoning + last_reasoning, content + last_content
-        return (reasoning, content) if self.separate else ("", text)
+        return reasoning, content
 
     def _check_budget(self) -> None:
         if self._budget is None:

@@ -191,9 +191,10 @@ def test_reasoning_budget_is_the_requests_token_limit(client, reasoning_model,
 def test_reasoning_budget_without_a_token_limit_is_the_context_left(
         client, reasoning_model, forced_end_tokens) -> None:
     # No max_tokens: stop at the forced marker, or the base model would write to 2048.
+    # Stop strings apply to the answer; with the trace inline it is part of the answer.
     resp = chat(client, reasoning_model, logprobs=True, reasoning_effort="minimal",
                 max_tokens=None, stop=["</think>"],
-                extra_body={"include_stop_str_in_output": True})
+                extra_body={"include_stop_str_in_output": True, "separate_reasoning": False})
     allowed = budget(0.01, 2048 - resp.usage.prompt_tokens)   # the server's --max-model-len
     out = tokens(resp)
     assert "</think>" not in "".join(out[:allowed])

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from api import create_app
 from api.state import ServerConfig
 from engine import Engine
-from engine.text.reasoning import THINK_TAGS
+from engine.text.think_tags import THINK_TAGS
 from tests.engine.text.test_reasoning import CHATML, R1_STYLE_TEMPLATE
 
 PLAIN_TEMPLATE = (CHATML + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"

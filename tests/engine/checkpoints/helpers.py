@@ -7,7 +7,9 @@ directory into the engine's model through LoraManager.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoints.merge import LoraManager
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear_attention import StateSlotMetadata
 from engine.model_runner import allocate_kv_caches
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model
@@ -114,23 +117,41 @@ def expert_delta(a: torch.Tensor, b: torch.Tensor, expert: int) -> torch.Tensor:
     return b[expert if len(b) > 1 else 0] @ a[expert if len(a) > 1 else 0]
 
 
+def add_qwen3_moe_expert_delta(experts, w: str, a, b, scale: float) -> None:
+    """transformers' Qwen3-MoE experts: gate_up_proj [E, 2I, H] (gate rows, then up rows)."""
+    width = experts.gate_up_proj.shape[1] // 2
+    fused, rows = {"w1": (experts.gate_up_proj, slice(0, width)),
+                   "w3": (experts.gate_up_proj, slice(width, 2 * width)),
+                   "w2": (experts.down_proj, slice(None))}[w]
+    for e in range(fused.shape[0]):
+        fused[e, rows] += scale * expert_delta(a, b, e)
+
+
+def hand_merged_qwen3_moe(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
+    return hand_merged_transformers(model_dir, adapter_dir, add_qwen3_moe_expert_delta)
+
+
 def load_engine_model(model_dir: Path) -> LlamaForCausalLM:
     return load_model(model_dir, load_model_config(model_dir), "cpu", torch.float32, progress=False)
 
 
 def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> LogprobsFn:
-    """Our model on one sequence prefilled at once into fresh zero KV caches."""
+    """Our model on one sequence prefilled at once into fresh zero KV caches (and, for a
+    hybrid model, a fresh state slot)."""
     cfg = model.cfg
     dtype = model.embed_tokens.weight.dtype
+    has_state = cfg.linear_attention is not None
 
     @torch.inference_mode()
     def logprobs(ids: list[int]) -> torch.Tensor:
         n = len(ids)
         num_blocks = -(-n // block_size)
-        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu")
+        caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu",
+                                    num_state_slots=1)
+        state_slots = StateSlotMetadata.build([0], [True], 0, "cpu") if has_state else None
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
                                  context_lens=[n], query_lens=[n], num_decodes=0,
-                                 block_size=block_size)
+                                 block_size=block_size, state_slots=state_slots)
         hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
         return torch.log_softmax(model.compute_logits(hidden), dim=-1)
     return logprobs
@@ -187,6 +208,16 @@ def assert_switching_a_b_a_then_base_is_bit_exact(model, a: Path, b: Path,
     assert torch.equal(forward(prompt), base_out)
 
 
+def assert_merged_alike(model, a: Path, b: Path) -> None:
+    """Adapters `a` and `b` (two layouts of the same factors) merge into bit-identical weights."""
+    manager = LoraManager(model)
+    manager.activate(a)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    manager.activate(b)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, merged[name]), name
+
+
 def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
                   complete: bool = True) -> Path:
     """An adapter written by hand (for layouts and damage PEFT would not produce)."""
@@ -210,3 +241,18 @@ def to_training_service_layout(peft_dir: Path, out_dir: Path) -> Path:
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     config["target_modules"] = ["unembed_tokens" if t == "lm_head" else t for t in config["target_modules"]]
     return write_adapter(out_dir, renamed, config)
+
+
+def pack_archive(checkpoint_dir: Path, archive: Path,
+                 extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
+    """A checkpoint as the service's archive URL hands it out: one uncompressed tar with
+    the checkpoint's files at its top level, then any `extra` (member, data) pairs."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted(checkpoint_dir.iterdir()):
+            tar.add(file, arcname=file.name)
+        for member, data in extra:
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    return archive

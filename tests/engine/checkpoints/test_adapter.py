@@ -17,6 +17,7 @@ from tests.engine.checkpoints.helpers import (
     ALL_LINEAR,
     PROMPT,
     TOLERANCE,
+    assert_merged_alike,
     assert_same_model_outputs,
     engine_logprobs_fn,
     load_engine_model,
@@ -67,12 +68,7 @@ def test_training_service_layout_gives_the_peft_adapters_outputs(tiny_model_dirs
                                  targets=[*ALL_LINEAR, "lm_head", "embed_tokens"])
     service_dir = to_training_service_layout(peft_dir, tmp_path / "service")
     model = load_engine_model(model_dir)
-    manager = LoraManager(model)
-    manager.activate(peft_dir)
-    peft_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    manager.activate(service_dir)
-    for name, weight in model.state_dict().items():
-        assert torch.equal(weight, peft_weights[name]), name
+    assert_merged_alike(model, peft_dir, service_dir)
     assert_same_model_outputs(engine_logprobs_fn(model), peft_logprobs_fn(model_dir, peft_dir))
 
 

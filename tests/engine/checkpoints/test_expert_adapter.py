@@ -22,13 +22,11 @@ from engine.models.registry import load_model_config
 from tests.engine.checkpoints.helpers import (
     PROMPT,
     TOLERANCE,
-    LogprobsFn,
     assert_same_model_outputs,
     assert_switching_a_b_a_then_base_is_bit_exact,
     engine_logprobs_fn,
-    expert_delta,
     greedy,
-    hand_merged_transformers,
+    hand_merged_qwen3_moe,
     load_engine_model,
     write_adapter,
 )
@@ -80,20 +78,6 @@ def service_adapter(model_dir: Path, out: Path, *, shared: dict[str, str] = TYPI
     return write_adapter(out, tensors, {"r": r, "lora_alpha": alpha})
 
 
-def add_qwen3_moe_expert_delta(experts, w: str, a, b, scale: float) -> None:
-    """transformers' Qwen3-MoE experts: gate_up_proj [E, 2I, H] (gate rows, then up rows)."""
-    width = experts.gate_up_proj.shape[1] // 2
-    fused, rows = {"w1": (experts.gate_up_proj, slice(0, width)),
-                   "w3": (experts.gate_up_proj, slice(width, 2 * width)),
-                   "w2": (experts.down_proj, slice(None))}[w]
-    for e in range(fused.shape[0]):
-        fused[e, rows] += scale * expert_delta(a, b, e)
-
-
-def hand_merged(model_dir: Path, adapter_dir: Path) -> LogprobsFn:
-    return hand_merged_transformers(model_dir, adapter_dir, add_qwen3_moe_expert_delta)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_moe_model_dirs) -> Path:
     return tiny_moe_model_dirs["hub"]
@@ -115,7 +99,7 @@ def test_merged_expert_adapter_matches_a_hand_merge(case, model_dir, tmp_path):
     model = load_engine_model(model_dir)
     LoraManager(model).activate(adapter)
     assert_same_model_outputs(engine_logprobs_fn(model),
-                              hand_merged(model_dir, adapter))
+                              hand_merged_qwen3_moe(model_dir, adapter))
 
 
 def test_expert_adapter_really_changes_the_outputs(model_dir, tmp_path):
@@ -177,7 +161,7 @@ def test_expert_adapter_served_through_the_engine(model_dir, tmp_path):
         tokens = client.sample(ModelInput.from_ints(PROMPT), 1, params).result(timeout=60)
     finally:
         engine.shutdown()
-    assert tokens.sequences[0].tokens == greedy(hand_merged(model_dir, adapter),
+    assert tokens.sequences[0].tokens == greedy(hand_merged_qwen3_moe(model_dir, adapter),
                                                 PROMPT, 8)
 
 

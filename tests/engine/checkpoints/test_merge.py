@@ -41,6 +41,19 @@ def test_switching_a_b_a_then_base_is_bit_exact(tied_setup):
     assert model.lm_head.weight is model.embed_tokens.weight   # tied again
 
 
+@pytest.mark.parametrize("adapter", [1, 2])   # a: every linear + head; b: q + embedding
+def test_merging_without_base_copies_gives_the_same_weights(tied_setup, tiny_model_dirs, adapter):
+    model, *adapters = tied_setup
+    LoraManager(model).activate(adapters[adapter - 1])
+    one_way_model = load_engine_model(tiny_model_dirs[TIED])
+    one_way = LoraManager(one_way_model, keep_base=False)
+    one_way.activate(adapters[adapter - 1])
+    assert_bit_identical(weights(one_way_model), weights(model))
+    assert not one_way._base   # merged in place: no copies kept
+    with pytest.raises(RuntimeError, match="merges once"):
+        one_way.activate(None)
+
+
 def test_head_adapter_on_tied_model_leaves_the_input_embedding_alone(tied_setup, tmp_path, tiny_model_dirs):
     model, _, _ = tied_setup
     head_only = save_peft_adapter(tiny_model_dirs[TIED], tmp_path / "head", targets=["lm_head"])

@@ -5,6 +5,7 @@ own requests."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -24,6 +25,7 @@ from engine.outputs import ErrorKind
 from tests.engine.checkpoints.helpers import (
     ALL_LINEAR,
     greedy,
+    pack_archive,
     peft_logprobs_fn,
     save_nan_adapter,
     save_peft_adapter,
@@ -213,3 +215,30 @@ def test_an_adapter_found_broken_when_loaded_fails_its_requests_and_leaves_the_w
                        reference(model_dir, adapter, PROMPTS[0], 6))
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_downloaded_and_archived_checkpoints_are_served_by_their_tinker_names(
+        model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("POKESERVE_HOME", str(tmp_path / "home"))   # where archives are extracted
+    root = tmp_path / "root"
+    first = save_peft_adapter(model_dir, tmp_path / "first", seed=5, targets=[*ALL_LINEAR, "lm_head"])
+    second = save_peft_adapter(model_dir, tmp_path / "second", seed=6, r=4)
+    shutil.copytree(first, root / f"{RUN}_sampler_weights_downloaded")
+    archive = pack_archive(second, root / RUN / "sampler_weights" / "packed.tar")
+    downloaded, packed = (f"tinker://{RUN}/sampler_weights/{n}" for n in ("downloaded", "packed"))
+    eng = Engine(model_dir, block_size=4, num_kv_blocks=64, checkpoint_root=str(root), progress=False)
+    try:
+        assert sorted(info.name for info in eng.checkpoints.list()) == [downloaded, packed]
+
+        def sample(name: str):
+            return eng.sampling_client(name).sample(ModelInput.from_ints(PROMPTS[0]), 1,
+                                                    greedy_params(8)).result(timeout=60).sequences[0]
+        assert_matches(sample(downloaded), reference(model_dir, first, PROMPTS[0], 8))
+        assert_matches(sample(packed), reference(model_dir, second, PROMPTS[0], 8))
+        pack_archive(first, archive)   # replaced in place: the next request serves the new one
+        os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+        assert_matches(sample(packed), reference(model_dir, first, PROMPTS[0], 8))
+    finally:
+        eng.shutdown()
+    assert [p.parent for p in (tmp_path / "home").rglob("checkpoint_complete")] == [
+        eng.checkpoints.resolve(packed).path]

@@ -17,9 +17,10 @@ from engine.checkpoints.store import (
     CheckpointStore,
 )
 from engine.models.registry import load_model_config
+from tests.engine.checkpoints.conftest import STORE_BASE
 from tests.engine.checkpoints.helpers import save_peft_adapter
 
-BASE = "llama-gqa-untied"
+BASE = STORE_BASE   # the base of the `store` fixture
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"
 
 
@@ -27,17 +28,6 @@ RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"
 def adapter_template(tiny_model_dirs, tmp_path_factory) -> Path:
     """One complete PEFT checkpoint for the base model, copied wherever a test needs one."""
     return save_peft_adapter(tiny_model_dirs[BASE], tmp_path_factory.mktemp("template") / "ckpt", r=8)
-
-
-@pytest.fixture
-def root(tmp_path) -> Path:
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def store(root, tiny_model_dirs) -> CheckpointStore:
-    return CheckpointStore(root, BASE, load_model_config(tiny_model_dirs[BASE]))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from engine import ReasoningOptions, SamplingParams
 from engine.text.pipeline import TextPipeline
-from engine.text.reasoning import THINK_TAGS
+from engine.text.think_tags import THINK_TAGS
 from engine.text.tokenizer import Tokenizer
 
 
@@ -57,10 +57,18 @@ def test_reasoning_and_answer_are_split_however_the_markers_fall_across_tokens(t
     output = tokenizer.encode("brown fox\n</think>\n\nthe dog", add_special_tokens=False)
     pipeline = reasoning_pipeline(tokenizer, "hello <think>")
     text, reasoning, content, _ = run(pipeline, output, "length")
-    assert (reasoning, content) == ("brown fox", "the dog")
-    assert text == tokenizer.decode(output)
+    assert (reasoning, content) == ("brown fox", "the dog") and text == reasoning + content
     end = len(tokenizer.encode("brown fox\n</think>", add_special_tokens=False))
     assert pipeline.reasoning_tokens == end
+
+
+def test_stop_strings_apply_to_the_answer_not_the_trace(tokenizer):
+    output = tokenizer.encode("the fox</think>the fox jumps", add_special_tokens=False)
+    prompt_ids = tokenizer.encode("hello <think>", add_special_tokens=False)
+    pipeline = TextPipeline(tokenizer, prompt_ids, SamplingParams(stop=["fox"]),
+                            ReasoningOptions(THINK_TAGS))
+    _, reasoning, content, stop = run(pipeline, output)
+    assert (reasoning, content, stop) == ("the fox", "the ", "fox")
 
 
 def test_an_inline_trace_stays_in_the_content_and_is_still_counted(tokenizer):

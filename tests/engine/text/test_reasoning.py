@@ -16,18 +16,15 @@ from pathlib import Path
 import jinja2.sandbox
 import pytest
 
+from engine.text.harmony import HARMONY
 from engine.text.reasoning import (
     PROBE_MESSAGES,
     REASONING_EFFORTS,
-    THINK_TAGS,
-    ReasoningSplitter,
-    detect_reasoning_format,
     parse_reasoning_effort,
-    prompt_opens_trace,
-    reasoning_format_by_name,
-    split_reasoning,
     thinking_budget,
 )
+from engine.text.reasoning_formats import detect_reasoning_format, reasoning_format_by_name
+from engine.text.think_tags import THINK_TAGS, ReasoningSplitter, split_reasoning
 from engine.text.tokenizer import Tokenizer
 from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
 from tests.tiny_models import save_tiny_tokenizer
@@ -191,9 +188,9 @@ def test_demo_template_prompt_decides_whether_thinking_is_open(enable_thinking, 
 
 
 @pytest.mark.parametrize("enable_thinking,opens", [(None, True), (True, True), (False, False)])
-def test_prompt_opens_trace_only_when_the_template_left_it_open(enable_thinking, opens):
-    assert prompt_opens_trace(THINK_TAGS, _render_demo(enable_thinking)) is opens
-    assert not prompt_opens_trace(THINK_TAGS, HISTORY)
+def test_a_prompt_opens_the_trace_only_when_the_template_left_it_open(enable_thinking, opens):
+    assert THINK_TAGS.opens_trace(_render_demo(enable_thinking)) is opens
+    assert not THINK_TAGS.opens_trace(HISTORY)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +247,8 @@ def test_a_template_that_refuses_the_probe_has_no_format(tokenizer):
 def test_formats_by_name():
     assert reasoning_format_by_name("qwen3") == THINK_TAGS
     assert reasoning_format_by_name("deepseek_r1") == THINK_TAGS
-    with pytest.raises(ValueError, match="deepseek_r1, qwen3"):
+    assert reasoning_format_by_name("openai_gptoss") is HARMONY
+    with pytest.raises(ValueError, match="deepseek_r1, openai_gptoss, qwen3"):
         reasoning_format_by_name("qwen")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from engine import Engine, ModelInput, ReasoningOptions, SamplingParams
 from engine.client import SampledSequence
-from engine.text.reasoning import THINK_TAGS
+from engine.text.think_tags import THINK_TAGS
 
 # The prompt ends inside an open trace (as Qwen3's template leaves it), or it does not.
 OPEN, CLOSED = "the fox <think>", "the fox"

@@ -1,0 +1,85 @@
+"""What every family's model shares: tokens to hidden states around its layers, the
+logits, tied embeddings, and where a Hugging Face weight lands in a fused projection.
+
+A family subclasses `CausalLM`: its `__init__` builds `embed_tokens`, `layers` (each
+called as `layer(x, rope, cache, meta)` with its own cache), `norm`, `rotary` and
+`lm_head` (engine.layers' Embedding and Linear, which add the rows' adapters in a step
+that mixes checkpoints: `meta.lora`), it names its fused projections (`packed_modules`,
+`_shard_sizes`) and each layer's adaptable modules (`layer_lora_targets`). The loader
+and LoRA merging both go through `param_slice`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from engine.config import LoraTarget, ModelConfig
+from engine.layers.attention import AttentionMetadata
+from kernels.lora_mapping import LoraMapping
+
+
+class CausalLM(nn.Module):
+    # Hugging Face module -> (our fused module, index of its shard inside the fused one).
+    packed_modules: dict[str, tuple[str, int]] = {}
+    # What Hugging Face puts in front of our parameter names.
+    hf_prefix = re.compile(r"^model\.")
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]; caches: one per layer (see
+        engine.model_runner.allocate_kv_caches) -> hidden states [num_tokens, hidden]."""
+        x = self.embed_tokens(input_ids, meta.lora)
+        rope = self.rotary(positions, x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor,
+                       lora: LoraMapping | None = None) -> torch.Tensor:
+        """hidden: [n, hidden] -> float32 logits [n, vocab]; `lora`: these n rows by slot."""
+        return self.lm_head(hidden, lora).float()
+
+    @classmethod
+    def lora_targets(cls, cfg: ModelConfig) -> dict[str, LoraTarget]:
+        """The adaptable modules of every layer, by Hugging Face (text model) name (see
+        engine.models.registry)."""
+        return {f"model.layers.{i}.{name}": target for i in range(cfg.num_layers)
+                for name, target in cls.layer_lora_targets(cfg, i).items()}
+
+    @staticmethod
+    def layer_lora_targets(cfg: ModelConfig, layer: int) -> dict[str, LoraTarget]:
+        """Layer `layer`'s adaptable modules, by their name inside the layer."""
+        raise NotImplementedError
+
+    @staticmethod
+    def checkpoint_tensor(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor in the layout of the parameter it fills: as it is here
+        (a family whose checkpoints lay a weight out otherwise overrides this)."""
+        return tensor
+
+    def param_slice(self, hf_name: str) -> tuple[str, slice | None]:
+        """Map a Hugging Face parameter name onto (our parameter name, rows it fills).
+
+        `model.layers.3.self_attn.k_proj.weight` -> (`layers.3.self_attn.qkv_proj.weight`,
+        the k rows); unfused names map to themselves with no slice.
+        """
+        name = self.hf_prefix.sub("", hf_name)
+        match = re.search(r"\.(\w+)\.(weight|bias)$", name)
+        if not match or match.group(1) not in self.packed_modules:
+            return name, None
+        fused, shard = self.packed_modules[match.group(1)]
+        sizes = self._shard_sizes(fused)
+        start = sum(sizes[:shard])
+        return (name[:match.start(1)] + fused + "." + match.group(2),
+                slice(start, start + sizes[shard]))
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        """The row counts of the shards of one of our fused projections."""
+        raise NotImplementedError

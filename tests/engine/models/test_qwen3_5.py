@@ -1,0 +1,124 @@
+"""Qwen3.5 (hybrid Gated DeltaNet + gated attention), dense and MoE, against transformers:
+greedy tokens exactly, logprobs within 1e-4 (float32), text and vision-language layouts.
+
+Every cache layout of parity.py is covered (preemption: states are recomputed from
+scratch; chunked prefill: states carried from chunk to chunk), and fewer state slots
+than requests (sequences wait for a slot). No block or slot may leak, and no prompt
+token is served from the prefix cache (a cached block cannot restore a recurrent state).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import Engine, ModelInput, SamplingParams, llm_engine
+from tests.engine.models.parity import (
+    ENGINE_LAYOUTS,
+    SHARED,
+    assert_engine_matches,
+    transformers_outputs,
+)
+from tests.tiny_models import save_state_dict_copy
+
+NEW_TOKENS = 24
+# Lengths 3, 22, 21, 1 (a one-token prompt starts as a decode) and 70 (over one chunk of
+# the chunked delta rule); two share a prefix that must not be served from the cache.
+PROMPTS = [[5, 6, 7], SHARED + [40, 41], list(range(60, 81)), [9], SHARED + list(range(100, 150))]
+LAYOUTS = {**ENGINE_LAYOUTS,
+           "preemption": dict(block_size=4, num_kv_blocks=28),    # 112 slots: one long prompt
+           "two-state-slots": dict(block_size=4, num_kv_blocks=256, max_num_seqs=2)}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(hybrid_model_dirs, tmp_path_factory):
+    """The tiny models; the vision-language one also carries an MTP head to be skipped, and
+    the MoE text model comes again with its experts fused (`experts.gate_up_proj`)."""
+    vl_file = hybrid_model_dirs["qwen3_5-vl-tied"] / "model.safetensors"
+    tensors = load_file(vl_file)
+    tensors["mtp.fc.weight"] = torch.full((64, 128), float("nan"))
+    save_file(tensors, vl_file, metadata={"format": "pt"})
+    fused = save_state_dict_copy(hybrid_model_dirs["qwen3_5_moe-text"],
+                                 tmp_path_factory.mktemp("fused") / "qwen3_5_moe-text-fused")
+    return {**hybrid_model_dirs, "qwen3_5_moe-text-fused": fused}
+
+
+@pytest.fixture(scope="module")
+def oracle(model_dirs):
+    return {name: transformers_outputs(path, PROMPTS, NEW_TOKENS)
+            for name, path in model_dirs.items() if not name.endswith("-fused")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", ["qwen3_5-text", "qwen3_5-vl-tied", "qwen3_5_moe-text",
+                                    "qwen3_5_moe-vl"])
+def test_greedy_tokens_and_logprobs_match_transformers(family, layout, model_dirs, oracle):
+    assert_engine_matches(model_dirs[family], layout, oracle[family], LAYOUTS, PROMPTS)
+
+
+def test_fused_expert_weights_load_to_the_same_outputs(model_dirs, oracle):
+    assert_engine_matches(model_dirs["qwen3_5_moe-text-fused"], "block4",
+                          oracle["qwen3_5_moe-text"], LAYOUTS, PROMPTS)
+
+
+def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(model_dirs,
+                                                                             monkeypatch):
+    """n samples of one prompt: the prompt is computed once, each forked sample continues
+    from a copy of the state its prefill left and gives what it gives alone."""
+    engine = Engine(model_dirs["qwen3_5-text"], progress=False, block_size=4, num_kv_blocks=256)
+    try:
+        client, prompt = engine.sampling_client(), PROMPTS[4]
+        params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, stop=[])
+        before = engine.stats().num_computed_prompt_tokens
+        together = client.sample(ModelInput.from_ints(prompt), 3, params).result(60).sequences
+        assert engine.stats().num_computed_prompt_tokens - before == len(prompt)
+        assert len({tuple(s.tokens) for s in together}) > 1
+        seed_of = llm_engine._sample_seed
+        for i, sample in enumerate(together):
+            monkeypatch.setattr(llm_engine, "_sample_seed", lambda seed, _, i=i: seed_of(seed, i))
+            alone = client.sample(ModelInput.from_ints(prompt), 1, params).result(60).sequences[0]
+            assert alone.tokens == sample.tokens
+            torch.testing.assert_close(torch.tensor(alone.logprobs),
+                                       torch.tensor(sample.logprobs), atol=1e-5, rtol=0)
+        stats = engine.stats()
+        assert stats.num_free_state_slots == stats.num_total_state_slots
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_the_vision_tower_and_mtp_head_are_skipped_unread(model_dirs, monkeypatch):
+    from engine.models import loader
+    from engine.models.registry import load_model_config
+
+    names, read = [], []
+    real_open = loader.safe_open
+
+    class RecordingFile:
+        """safe_open, noting every tensor name listed and every tensor read."""
+
+        def __init__(self, path, framework):
+            self.file = real_open(path, framework=framework)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            names.extend(self.handle.keys())
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(loader, "safe_open", RecordingFile)
+    model_dir = model_dirs["qwen3_5-vl-tied"]
+    loader.load_model(model_dir, load_model_config(model_dir), "cpu", torch.float32,
+                      progress=False)
+    assert any(n.startswith("model.visual.") for n in names) and "mtp.fc.weight" in names
+    assert read and all(name.startswith("model.language_model.") for name in read)
