@@ -10,8 +10,10 @@ The rule, in mode "auto" (the default):
   adapted layer adds to its rows.
 Mode "merged" never mixes (the scheduler then gives each step one checkpoint, in turns);
 mode "unmerged" serves every step from slots, one checkpoint or several: each is one
-path on its own, for callers that need one numerics for every batch. Adapters of MoE
-experts are always served merged, one checkpoint per step: they never mix.
+path on its own, for callers that need one numerics for every batch. Two kinds of
+adapter are always served merged, one checkpoint per step: those of MoE experts, and
+those that adapt a fused projection both whole and in parts (Qwen3.5's in_proj_qkv and
+its in_proj_q, say: a slot holds one adapter module per part).
 
 Switching modes costs a restore or a merge (and, on the CPU, repacking the changed
 weights), so the scheduler keeps steps mixed while several checkpoints have work.
@@ -51,8 +53,7 @@ class LoraServing:
         if mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {mode!r}")
         self.model, self.merger, self.mode = model, merger, mode
-        # A family whose layers read the step's LoRA rows says so; others only merge.
-        self.can_mix = mode != "merged" and getattr(model, "supports_lora_slots", False)
+        self.can_mix = mode != "merged"
         self.slots = AdapterSlots(model, num_slots, ops)
         self._mixable: dict[AdapterKey, bool] = {}
 
@@ -63,7 +64,7 @@ class LoraServing:
         key = adapter_key(checkpoint)
         if key not in self._mixable:
             try:
-                mixable = not self.merger.load(key).adapts_experts
+                mixable = self._unmixable(self.merger.load(key)) is None
             except CheckpointInvalid:
                 return True   # its step fails its requests with the reason (prepare)
             if len(self._mixable) >= _MEMO_SIZE:
@@ -114,7 +115,19 @@ class LoraServing:
 
     def _loadable(self, key: AdapterKey) -> LoraAdapter:
         adapter = self.merger.load(key)
-        if adapter.adapts_experts:
-            raise CheckpointInvalid(f"Checkpoint `{key[0].name}` adapts MoE experts: it is "
-                                    "served merged, never in a step with other checkpoints")
+        if (why := self._unmixable(adapter)) is not None:
+            raise CheckpointInvalid(f"Checkpoint `{key[0].name}` {why}: it is served merged, "
+                                    "never in a step with other checkpoints")
         return adapter
+
+    def _unmixable(self, adapter: LoraAdapter) -> str | None:
+        """Why `adapter` cannot take a slot (None: it can). A slot holds 2-D factors, one
+        adapter module per slice of a layer's output rows."""
+        if adapter.adapts_experts:
+            return "adapts MoE experts"
+        whole, parts = {}, {}   # layer parameter -> a module adapting all of it / some rows
+        for module in adapter.modules:
+            name, rows = self.model.param_slice(module.module + ".weight")
+            (whole if rows is None else parts)[name] = module.module
+        both = sorted(whole.keys() & parts.keys())
+        return f"adapts both {whole[both[0]]} and {parts[both[0]]}, a part of it" if both else None

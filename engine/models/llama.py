@@ -104,8 +104,6 @@ class LlamaForCausalLM(CausalLM):
     config_class = ModelConfig
     packed_modules = PACKED_MODULES
     norm_class = RMSNorm        # gpt-oss applies the norm's weight in float32
-    # Its layers add each row's adapter from `meta.lora`: checkpoints may share a step.
-    supports_lora_slots = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

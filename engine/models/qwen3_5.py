@@ -108,7 +108,7 @@ class DecoderLayer(nn.Module):
         mixed = self.input_layernorm(x)
         x = x + (self.linear_attn(mixed, cache, meta) if self.is_linear
                  else self.self_attn(mixed, rope, cache, meta))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
