@@ -111,8 +111,9 @@ def expand(t: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, mapping: Lora
     tiles = triton.cdiv(max(stop - start for start, stop in slices), BLOCK_N)
     grid = (num_groups, triton.cdiv(max_rows, BLOCK_M), len(slices) * tiles)
     _expand_kernel[grid](t, lora_b, y, mapping.rows, mapping.lens, mapping.slots, starts, sizes,
-                         max_rows, lora_b.shape[-1], tiles, t.stride(0), t.stride(1),
-                         *lora_b.stride(), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                         max_rows, lora_b.shape[1], tiles, t.stride(0), t.stride(1),
+                         lora_b.stride(0), lora_b.stride(2), lora_b.stride(1), y.stride(0),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                          BLOCK_K=BLOCK_K)
 
 

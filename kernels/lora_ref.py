@@ -9,11 +9,12 @@ in two steps as Punica and vLLM split it:
   slice j of a fused projection (q/k/v, gate/up), whose adapters are separate.
 
 The stacked factors hold every slot: A^T as `[S, in, W]` (the slices' A^T side by side,
-W = slices * R) and B as `[S, out, R]`, R being the largest rank held and smaller ranks
-zero-padded. Each step is one batched product whatever the number of adapters (`bmm`
-over the groups), with a gather of the rows before and a scatter-add after: the number
-of ops is fixed per projection, which is what makes 16 adapters cost little more than 4
-(measured in BENCHMARKS.md). Padded positions of t are zeroed, so they add nothing.
+W = slices * R) and B^T as `[S, R, out]`, R being the largest rank held and smaller
+ranks zero-padded. Each step is one batched product whatever the number of adapters
+(`bmm` over the groups, one per slice for the expand), with a gather of the rows before
+and one scatter-add of whole rows after: the number of ops is fixed per projection,
+however many adapters the step mixes (BENCHMARKS.md measures what they cost). Padded
+positions of t are zeroed, so they add nothing.
 
 `lookup` is the shrink of an embedding adapter (A is applied to one-hot rows, so it is
 a lookup of A^T's row by token id). kernels/lora.py holds the Triton kernels with the
@@ -48,12 +49,16 @@ def lookup(ids: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping) -> tor
 
 def expand(t: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, mapping: LoraMapping,
            slices: Slices) -> None:
-    """Add each row's delta into y: [T, N]. t: [G, M, len(slices) * R], lora_b: [S, N, R]:
-    y[rows[g, m], a:b] += t[g, m, j*R:(j+1)*R] @ lora_b[slots[g], a:b].T for slice j = (a, b)."""
-    rank = lora_b.shape[-1]
-    b = mapping.take(lora_b)                                                # [G, N, R]
-    rows = mapping.rows.flatten()
-    for j, (start, stop) in enumerate(slices):
-        delta = torch.bmm(t[:, :, j * rank:(j + 1) * rank], b[:, start:stop].transpose(1, 2))
-        # Padded positions point at row 0 with a zero delta: adding it changes nothing.
-        y[:, start:stop].index_add_(0, rows, delta.view(-1, stop - start))
+    """Add each row's delta into y: [T, N]. t: [G, M, len(slices) * R], lora_b: [S, R, N]:
+    y[rows[g, m], a:b] += t[g, m, j*R:(j+1)*R] @ lora_b[slots[g], :, a:b] for slice j = (a, b)."""
+    rank = lora_b.shape[1]
+    b = mapping.take(lora_b)                                                # [G, R, N]
+    if len(slices) == 1 and slices[0] == (0, y.shape[1]):
+        delta = torch.bmm(t, b)                                             # [G, M, N]
+    else:
+        delta = t.new_zeros(mapping.num_groups, mapping.max_rows, y.shape[1])
+        for j, (start, stop) in enumerate(slices):
+            delta[:, :, start:stop] += torch.bmm(t[:, :, j * rank:(j + 1) * rank],
+                                                 b[:, :, start:stop])
+    # Padded positions point at row 0 with a zero delta: adding it changes nothing.
+    y.index_add_(0, mapping.rows.flatten(), delta.view(-1, y.shape[1]))

@@ -10,8 +10,10 @@ The stacks are laid out for the kernels (kernels/lora_ref.py):
 - `a` [S, in, slices * R]: each slice's A^T side by side. A fused projection (qkv,
   gate_up) has one slice per sub-module, each with its own adapter; an embedding's
   `a` is [S, vocab, R], A^T looked up by token id.
-- `b` [S, out, R]: B with the module's scale folded in (alpha/r, rsLoRA's
-  alpha/sqrt(r), or the alpha_pattern's), slice j's adapter in its own output rows.
+- `b` [S, R, out]: B^T with the module's scale folded in (alpha/r, rsLoRA's
+  alpha/sqrt(r), or the alpha_pattern's), slice j's adapter in its own output columns
+  (B^T rather than B: the expand multiplies by it, and on the CPU a batched product
+  with a transposed operand is several times slower).
 R is the largest rank held; smaller ranks are zero-padded, and the stacks grow (R, or a
 new slice) when a larger adapter arrives, never past the slot table's maximum rank.
 """
@@ -32,7 +34,7 @@ class LoraSlots:
         self.slices: list[tuple[int, int]] = []      # output rows [start, stop) of each slice
         self.rank = 0
         self.a = torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, out_features, 0, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, 0, out_features, dtype=dtype, device=device)
         self.held = [False] * num_slots              # slots whose adapter adapts this module
 
     @property
@@ -49,8 +51,8 @@ class LoraSlots:
         cols = slice(j * self.rank, j * self.rank + rank)
         self.a[slot, :, j * self.rank:(j + 1) * self.rank] = 0
         self.a[slot, :, cols] = lora_a.T.to(self.dtype)
-        self.b[slot, start:stop] = 0
-        self.b[slot, start:stop, :rank] = (lora_b * scale).to(self.dtype)   # folded in float32
+        self.b[slot, :, start:stop] = 0
+        self.b[slot, :rank, start:stop] = (lora_b * scale).T.to(self.dtype)   # folded in float32
         self.held[slot] = True
 
     def clear(self, slot: int) -> None:
@@ -83,8 +85,8 @@ class LoraSlots:
             for j in range(len(self.slices)):   # each slice's columns move to its new place
                 a[:, :, j * new_rank:j * new_rank + self.rank] = (
                     self.a[:, :, j * self.rank:(j + 1) * self.rank])
-            b = torch.zeros(self.num_slots, self.out_features, new_rank, dtype=self.dtype,
+            b = torch.zeros(self.num_slots, new_rank, self.out_features, dtype=self.dtype,
                             device=self.device)
-            b[:, :, :self.rank] = self.b
+            b[:, :self.rank] = self.b
             self.a, self.b, self.slices, self.rank = a, b, new_slices, new_rank
         return self.slices.index(rows)

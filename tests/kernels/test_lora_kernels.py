@@ -23,13 +23,13 @@ def make_factors(gen: torch.Generator) -> dict[int, list[tuple[torch.Tensor, tor
 
 
 def stack(factors, num_slots: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stacked layout: A^T [S, K, slices * RANK] and B [S, N, RANK], zero-padded."""
+    """The stacked layout: A^T [S, K, slices * RANK] and B^T [S, RANK, N], zero-padded."""
     a = torch.zeros(num_slots, K, len(SLICES) * RANK)
-    b = torch.zeros(num_slots, N, RANK)
+    b = torch.zeros(num_slots, RANK, N)
     for slot, parts in factors.items():
         for j, ((start, stop), (fa, fb)) in enumerate(zip(SLICES, parts)):
             a[slot, :, j * RANK:j * RANK + fa.shape[0]] = fa.T
-            b[slot, start:stop, :fb.shape[1]] = fb
+            b[slot, :fb.shape[1], start:stop] = fb.T
     return a, b
 
 
