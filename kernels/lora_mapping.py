@@ -24,6 +24,7 @@ class LoraMapping:
     lens: torch.Tensor          # [G] int32: rows in each group (M is the largest)
     slots: torch.Tensor         # [G] int64: each group's slot, ascending
     padding: torch.Tensor       # [G, M, 1] bool: True past each group's rows
+    padded: bool                # whether any group is shorter than M (`padding` has a True)
     slot_list: tuple[int, ...]  # `slots` on the host, for checks that must not sync
     num_rows: int               # rows of the flat batch, adapted or not
 
@@ -39,13 +40,14 @@ class LoraMapping:
         if not groups:
             return None
         slot_list = tuple(sorted(groups))
-        width = max(len(rows) for rows in groups.values())
-        padded = [groups[s] + [0] * (width - len(groups[s])) for s in slot_list]
-        lens = torch.tensor([len(groups[s]) for s in slot_list], dtype=torch.int32, device=device)
+        sizes = [len(groups[s]) for s in slot_list]
+        width = max(sizes)
+        rows = [groups[s] + [0] * (width - len(groups[s])) for s in slot_list]
+        lens = torch.tensor(sizes, dtype=torch.int32, device=device)
         padding = torch.arange(width, device=device)[None, :, None] >= lens[:, None, None]
-        return cls(torch.tensor(padded, dtype=torch.int64, device=device), lens,
-                   torch.tensor(slot_list, dtype=torch.int64, device=device), padding, slot_list,
-                   len(row_slots))
+        return cls(torch.tensor(rows, dtype=torch.int64, device=device), lens,
+                   torch.tensor(slot_list, dtype=torch.int64, device=device), padding,
+                   min(sizes) < width, slot_list, len(row_slots))
 
     @property
     def num_groups(self) -> int:

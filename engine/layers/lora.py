@@ -31,7 +31,7 @@ class LoraSlots:
                  dtype: torch.dtype, device: torch.device, ops: LoraOps) -> None:
         self.num_slots, self.in_features, self.out_features = num_slots, in_features, out_features
         self.dtype, self.device, self.ops = dtype, device, ops
-        self.slices: list[tuple[int, int]] = []      # output rows [start, stop) of each slice
+        self.slices: list[tuple[int, int]] = []      # output rows [start, stop), in order
         self.rank = 0
         self.a = torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, 0, out_features, dtype=dtype, device=device)
@@ -77,13 +77,15 @@ class LoraSlots:
 
     def _fit(self, rows: tuple[int, int], rank: int) -> int:
         """The index of slice `rows`, after growing the stacks to hold it at `rank`."""
-        new_slices = self.slices + ([rows] if rows not in self.slices else [])
+        # In order of their rows: q, k, v side by side tile the output (see lora_ref.expand).
+        new_slices = sorted({*self.slices, rows})
         new_rank = max(self.rank, rank)
         if new_slices != self.slices or new_rank != self.rank:
             a = torch.zeros(self.num_slots, self.in_features, len(new_slices) * new_rank,
                             dtype=self.dtype, device=self.device)
-            for j in range(len(self.slices)):   # each slice's columns move to its new place
-                a[:, :, j * new_rank:j * new_rank + self.rank] = (
+            for j, old in enumerate(self.slices):   # each slice's columns move to its new place
+                k = new_slices.index(old)
+                a[:, :, k * new_rank:k * new_rank + self.rank] = (
                     self.a[:, :, j * self.rank:(j + 1) * self.rank])
             b = torch.zeros(self.num_slots, new_rank, self.out_features, dtype=self.dtype,
                             device=self.device)

@@ -62,6 +62,24 @@ def test_reference_matches_the_definition_row_by_row(row_slots):
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reference_expand_of_slices_that_do_not_tile_the_output_adds_only_into_them():
+    gen = torch.Generator().manual_seed(5)
+    slices = [(20, 28), (28, 36)]                     # k- and v-like: q's columns uncovered
+    _, b = stack(make_factors(gen))
+    mapping = LoraMapping.from_row_slots(ROW_SLOTS)
+    t = torch.randn(mapping.num_groups, mapping.max_rows, len(slices) * RANK, generator=gen)
+    t.masked_fill_(mapping.padding, 0)
+    y = torch.randn(len(ROW_SLOTS), N, generator=gen)
+    expected = y.double().clone()
+    for g, slot in enumerate(mapping.slot_list):
+        for m, row in enumerate(mapping.rows[g, :mapping.lens[g]].tolist()):
+            for j, (start, stop) in enumerate(slices):
+                expected[row, start:stop] += (t[g, m, j * RANK:(j + 1) * RANK].double()
+                                              @ b[slot, :, start:stop].double())
+    lora_ref.expand(t, b, y, mapping, slices)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_padded_positions_of_the_shrink_are_zero():
     gen = torch.Generator().manual_seed(1)
     a, _ = stack(make_factors(gen))

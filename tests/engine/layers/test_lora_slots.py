@@ -44,6 +44,21 @@ def test_each_row_gets_its_slot_adapter_in_its_slice_after_the_stacks_grow():
     torch.testing.assert_close(y, expected)
 
 
+def test_a_slice_that_arrives_after_a_later_one_goes_before_it_and_both_keep_their_adapters():
+    stacks = slots()
+    a_kv, b_kv = factors(2, KV, seed=8)
+    stacks.set(0, KV, a_kv, b_kv, scale=1.0)
+    a_q, b_q = factors(3, Q, seed=9)         # a larger rank too: every column moves
+    stacks.set(0, Q, a_q, b_q, scale=2.0)
+    assert stacks.slices == [(0, 6), (6, 10)]
+    x, y = torch.randn(2, IN), torch.randn(2, OUT)
+    expected = y.clone()
+    expected[1, KV] += (x[1] @ a_kv.T) @ b_kv.T
+    expected[1, Q] += 2.0 * (x[1] @ a_q.T) @ b_q.T
+    stacks.add(y, x, LoraMapping.from_row_slots([NO_SLOT, 0]))
+    torch.testing.assert_close(y, expected)
+
+
 def test_a_cleared_slot_adds_nothing_and_an_overwritten_one_only_its_new_adapter():
     stacks = slots()
     stacks.set(0, slice(None), *factors(4, slice(0, OUT), seed=3), scale=1.0)
