@@ -37,6 +37,20 @@ from engine.config import LORA_MODES  # noqa: E402
 from engine.models.default_model import fetch_default_model  # noqa: E402
 
 
+def machine() -> str:
+    """The CPU, its cores, the OpenMP threads and the load: the conditions of a figure."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    return (f"{cpu}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}")
+
+
+def make_checkpoints(model_dir: Path, root: Path, count: int, rank: int) -> list[str]:
+    """bench_checkpoints' random adapters under `root`, by the names requests give them."""
+    return [f"tinker://{RUN}/sampler_weights/{d.name}"
+            for d in make_adapters(model_dir, root, count, rank)]
+
+
 def chat(url: str, model: str, question: str, max_tokens: int) -> int:
     """One chat completion; its completion tokens."""
     body = {"model": model, "messages": [{"role": "user", "content": question}],
@@ -75,15 +89,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
     model_dir = fetch_default_model()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}; "
-          f"model {model_dir.name}, {args.dtype}, lora_mode {args.lora_mode}, LoRA rank {args.rank}")
+    print(f"machine: {machine()}; model {model_dir.name}, {args.dtype}, "
+          f"lora_mode {args.lora_mode}, LoRA rank {args.rank}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dirs = make_adapters(model_dir, root, max(args.counts), args.rank)
-        names = [f"tinker://{RUN}/sampler_weights/{d.name}" for d in dirs]
+        names = make_checkpoints(model_dir, root, max(args.counts), args.rank)
         port = free_port()
         server = start_server(args, model_dir, root, port)
         url = f"http://127.0.0.1:{port}"
