@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 CPU_KV_CACHE_BYTES = 1 << 30
+# How steps serve checkpoints (engine.checkpoints.lora_serving): "auto" merges a step's
+# one checkpoint and mixes several unmerged; "merged" never mixes; "unmerged" never merges.
+LORA_MODES = ("auto", "merged", "unmerged")
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,18 @@ class EngineConfig:
     sampler_backend: str = "auto"           # "auto" | "triton" | "torch"
     checkpoint_root: str | None = None
     lora_cache_memory: int = 1 << 30        # bytes of adapter tensors kept for fast switching
+    max_loras: int = 16                     # distinct adapters in one step (the base: none)
+    max_cpu_loras: int | None = None        # adapters kept loaded (None: lora_cache_memory's)
+    max_lora_rank: int = 64                 # the largest rank served; higher ones are refused
+    lora_mode: str = "auto"                 # see LORA_MODES
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
 
     def kv_cache_bytes(self) -> int:
         """The KV cache's budget in bytes (call once the model's weights are loaded)."""

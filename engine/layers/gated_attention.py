@@ -39,7 +39,7 @@ class GatedAttention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x: [T, hidden]; rope: cos and sin for `rotary_dim` dims -> [T, hidden]."""
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, meta.lora)
         query_gate = qkv[:, :2 * h * d].view(-1, h, 2 * d)               # [T, H, 2D]
         kv = qkv[:, 2 * h * d:].view(-1, 2 * kvh, d)                      # [T, 2 * KVH, D]
         q = self.q_norm(query_gate[..., :d])                              # [T, H, D]
@@ -48,4 +48,4 @@ class GatedAttention(nn.Module):
         apply_rotary_(k[..., :self.rotary_dim], *rope)
         store_kv(kv_cache, torch.cat((k, kv[:, kvh:]), dim=1), meta.slot_mapping)
         out = paged_attention(q, kv_cache, meta, self.scale)              # [T, H, D]
-        return self.o_proj((out * query_gate[..., d:].sigmoid()).flatten(1))
+        return self.o_proj((out * query_gate[..., d:].sigmoid()).flatten(1), meta.lora)

@@ -11,6 +11,10 @@ for CPU linear layers. The packed copy costs a second copy of the weights in hos
 the dense weight stays the one that loading and LoRA merges write, and a change to it (a
 new tensor, or its version counter moved) repacks it before the next product.
 `PackedWeight` is that rule, for this layer and for the experts of engine.layers.moe.
+
+In a step that mixes checkpoints the layer adds each row's own adapter to the base
+product (`lora`, the step's rows by adapter slot; the factors are `lora_slots`, see
+engine.layers.lora). In every other step the weight already holds what is served.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.layers.lora import LoraSlots
+from kernels.lora_mapping import LoraMapping
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -57,10 +64,16 @@ class PackedWeight:
 
 class Linear(nn.Linear):
     _packed: PackedWeight | None = None     # made at the first product on oneDNN
+    lora_slots: LoraSlots | None = None     # made when an adapter in a slot adapts this layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out]; `lora`: the step's rows by adapter slot, if it mixes."""
         if uses_onednn(x):
             if self._packed is None:
                 self._packed = PackedWeight()
-            return onednn_linear(x, self._packed(self.weight), self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = onednn_linear(x, self._packed(self.weight), self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora_slots is not None:
+            self.lora_slots.add(y, x, lora)
+        return y

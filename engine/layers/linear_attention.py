@@ -90,7 +90,7 @@ class GatedDeltaNet(nn.Module):
             state.recurrent[fresh] = 0
         weight = self.conv1d.weight[:, 0]                                # [C, K]
         mixed = _per_sequence(                                            # [T, 2 * Kd + Vd]
-            meta, state.conv, (self.in_proj_qkv(x),),
+            meta, state.conv, (self.in_proj_qkv(x, meta.lora),),
             decodes=lambda x, s: causal_conv1d_step(x, weight, s),
             chunk=lambda x, s: causal_conv1d(x, weight, s))
         q, k, v = mixed.split([spec.key_dim, spec.key_dim, spec.value_dim], dim=-1)
@@ -98,13 +98,13 @@ class GatedDeltaNet(nn.Module):
         q, k = (l2_normalize(t.view(num_tokens, spec.num_key_heads, spec.key_head_dim))
                 .repeat_interleave(repeat, dim=1) for t in (q, k))     # [T, Hv, Dk] float32
         v = v.reshape(num_tokens, spec.num_value_heads, spec.value_head_dim)
-        beta = self.in_proj_b(x).sigmoid()                              # [T, Hv]
+        beta = self.in_proj_b(x, meta.lora).sigmoid()                              # [T, Hv]
         # float32 before exp: in half precision A could overflow to -inf
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x, meta.lora).float() + self.dt_bias)
         out = _per_sequence(meta, state.recurrent, (q, k, v, g, beta),  # [T, Hv, Dv] float32
                             decodes=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule)
-        z = self.in_proj_z(x).view(num_tokens, spec.num_value_heads, spec.value_head_dim)
-        return self.out_proj(self.norm(out.to(x.dtype), z).flatten(1))
+        z = self.in_proj_z(x, meta.lora).view(num_tokens, spec.num_value_heads, spec.value_head_dim)
+        return self.out_proj(self.norm(out.to(x.dtype), z).flatten(1), meta.lora)
 
 
 def _per_sequence(meta: AttentionMetadata, pool: torch.Tensor, inputs: tuple[torch.Tensor, ...],

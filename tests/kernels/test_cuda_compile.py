@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kernels_and_signatures() -> list:
-    from kernels import logprobs, penalties, sampling
+    from kernels import logprobs, lora, penalties, sampling
 
     sample_sig = {"logits_ptr": "*fp32", "stride": "i32", "temp_ptr": "*fp32",
                   "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
@@ -30,6 +30,15 @@ def _kernels_and_signatures() -> list:
                     "presence_ptr": "*fp32", "frequency_ptr": "*fp32", "V": "i32"}
     bias_sig = {"logits_ptr": "*fp32", "stride": "i32", "rows_ptr": "*i64", "tokens_ptr": "*i64",
                 "values_ptr": "*fp32", "N": "i32", "V": "i32"}
+    mapping = {"rows_ptr": "*i64", "lens_ptr": "*i32", "slots_ptr": "*i64", "M": "i32"}
+    strides = lambda *names: {f"stride_{n}": "i32" for n in names}  # noqa: E731
+    shrink_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "t_ptr": "*bf16", **mapping, "K": "i32",
+                  "W": "i32", **strides("xt", "as", "ak", "aw", "tg", "tm")}
+    expand_sig = {"t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **mapping,
+                  "starts_ptr": "*i64", "sizes_ptr": "*i64", "R": "i32", "tiles_per_slice": "i32",
+                  **strides("tg", "tm", "bs", "bn", "br", "yt")}
+    fp32 = {"x_ptr": "*fp32", "a_ptr": "*fp32", "t_ptr": "*fp32"}
+    lora_blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_K": lora.BLOCK_K}
     pivots = {"NUM_PIVOTS": sampling.NUM_PIVOTS, "BLOCK": sampling.BLOCK}
     bf16 = {"logits_ptr": "*bf16"}                                   # the sampler reads bf16 too
     return [
@@ -42,6 +51,11 @@ def _kernels_and_signatures() -> list:
         (penalties._tally_kernel, tally_sig, {"IS_PROMPT": False, "BLOCK": penalties.BLOCK}),
         (penalties._penalize_kernel, penalize_sig, {"BLOCK": penalties.BLOCK}),
         (penalties._bias_kernel, bias_sig, {"BLOCK": penalties.BLOCK}),
+        (lora._shrink_kernel, shrink_sig, lora_blocks),
+        (lora._shrink_kernel, {**shrink_sig, **fp32}, lora_blocks),
+        (lora._expand_kernel, expand_sig, lora_blocks),
+        (lora._expand_kernel, {**expand_sig, "t_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
+         lora_blocks),
     ]
 
 
