@@ -10,10 +10,8 @@ The rule, in mode "auto" (the default):
   adapted layer adds to its rows.
 Mode "merged" never mixes (the scheduler then gives each step one checkpoint, in turns);
 mode "unmerged" serves every step from slots, one checkpoint or several: each is one
-path on its own, for callers that need one numerics for every batch. Two kinds of
-adapter are always served merged, one checkpoint per step: those of MoE experts, and
-those that adapt a fused projection both whole and in parts (Qwen3.5's in_proj_qkv and
-its in_proj_q, say: a slot holds one adapter module per part).
+path on its own, for callers that need one numerics for every batch. Adapters of MoE
+experts are always served merged, one checkpoint per step (a slot holds 2-D factors).
 
 Switching modes costs a restore or a merge (and, on the CPU, repacking the changed
 weights), so the scheduler keeps steps mixed while several checkpoints have work.
@@ -121,13 +119,5 @@ class LoraServing:
         return adapter
 
     def _unmixable(self, adapter: LoraAdapter) -> str | None:
-        """Why `adapter` cannot take a slot (None: it can). A slot holds 2-D factors, one
-        adapter module per slice of a layer's output rows."""
-        if adapter.adapts_experts:
-            return "adapts MoE experts"
-        whole, parts = {}, {}   # layer parameter -> a module adapting all of it / some rows
-        for module in adapter.modules:
-            name, rows = self.model.param_slice(module.module + ".weight")
-            (whole if rows is None else parts)[name] = module.module
-        both = sorted(whole.keys() & parts.keys())
-        return f"adapts both {whole[both[0]]} and {parts[both[0]]}, a part of it" if both else None
+        """Why `adapter` cannot take a slot (None: it can): a slot holds 2-D factors."""
+        return "adapts MoE experts" if adapter.adapts_experts else None

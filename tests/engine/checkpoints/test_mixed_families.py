@@ -105,17 +105,10 @@ def expert_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     return write_adapter(out, tensors, {"r": 4, "lora_alpha": 8})
 
 
-def whole_and_split_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """in_proj_qkv adapted whole and through its q slice, in one adapter."""
-    return dense_adapter(model_dir, out, r=2, seed=seed, embedding=False,
-                         skip=("in_proj_k", "in_proj_v"))
-
-
 @pytest.mark.parametrize("family, make_adapter", [
     ("qwen3-moe", lambda model_dir, out, seed: service_adapter(model_dir, out, seed=seed)),
     ("qwen3_5_moe-text", expert_adapter),
-    ("qwen3_5-text", whole_and_split_adapter),
-], ids=["qwen3-moe-experts", "qwen3_5_moe-experts", "qwen3_5-whole-and-split-qkv"])
+], ids=["qwen3-moe-experts", "qwen3_5_moe-experts"])
 def test_an_adapter_a_slot_cannot_hold_is_served_merged_and_never_shares_a_step(
         family, make_adapter, family_dirs, tmp_path):
     model_dir, root = family_dirs[family], tmp_path / "checkpoints"
