@@ -108,6 +108,8 @@ def main() -> None:
                 for k in args.counts:
                     rates[k].append(eval_run(url, names[:k], args,
                                              f"round {round_ + 1}: {k} checkpoints"))
+                    tqdm.write(f"round {round_ + 1}: {k:3d} checkpoints {rates[k][-1]:7.1f} tok/s "
+                               f"(load average {os.getloadavg()[0]:.1f})")
         finally:
             server.terminate()
             server.wait(timeout=60)
