@@ -3,20 +3,22 @@
 An eval harness sends 64 chat requests (64 tokens each, EOS ignored) from 16 concurrent
 clients to `pokeserve serve`; request i asks checkpoint i mod k. With k = 1 every step
 serves one merged checkpoint; with k = 4 or 16 steps mix checkpoints, the base weights
-unmerged and each row adding its own adapter. Prints tokens/s for each k and the ratio
-to k = 1, measured in one server process, k = 1 first and again last (the machine's
-drift). Adapters are of the training service's default shape (rank 32, alpha 32, every
+unmerged and each row adding its own adapter. Measured in one server process, in
+`--rounds` rounds of every k in turn; prints each k's tokens/s per round, and the ratio
+to k = 1 of the best round of each (on a shared machine the best is the least disturbed;
+the ratio of medians follows it). Adapters are of the training service's default shape (rank 32, alpha 32, every
 attention and MLP projection), random, written by PEFT; each checkpoint answers one
 request before the timing, so that reading adapters from disk is not counted.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_evals.py [--dtype bfloat16]
-        [--lora-mode auto] [--counts 1 4 16] [--requests 64] [--clients 16]
+        [--lora-mode auto] [--counts 1 4 16] [--requests 64] [--clients 16] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     model_dir = fetch_default_model()
     print(f"machine: {machine()}; model {model_dir.name}, {args.dtype}, "
@@ -100,18 +103,25 @@ def main() -> None:
         try:
             for name in tqdm(names, desc="warm-up", leave=False):
                 chat(url, name, "Hello!", 4)
-            rates = {}
-            for k in [*args.counts, args.counts[0]]:
-                rate = eval_run(url, names[:k], args, f"{k} checkpoints")
-                rates.setdefault(k, []).append(rate)
+            rates: dict[int, list[float]] = {k: [] for k in args.counts}
+            for round_ in range(args.rounds):
+                for k in args.counts:
+                    rates[k].append(eval_run(url, names[:k], args,
+                                             f"round {round_ + 1}: {k} checkpoints"))
+                    tqdm.write(f"round {round_ + 1}: {k:3d} checkpoints {rates[k][-1]:7.1f} tok/s "
+                               f"(load average {os.getloadavg()[0]:.1f})")
         finally:
             server.terminate()
             server.wait(timeout=60)
-    baseline = rates[args.counts[0]][0]
-    print(f"{args.requests} chat requests x {args.max_tokens} tokens, {args.clients} clients:")
+    best = {k: max(runs) for k, runs in rates.items()}
+    median = {k: statistics.median(runs) for k, runs in rates.items()}
+    first = args.counts[0]
+    print(f"{args.requests} chat requests x {args.max_tokens} tokens, {args.clients} clients, "
+          f"tok/s in each of {args.rounds} rounds; ratios to {first} checkpoint(s):")
     for k, runs in rates.items():
-        shown = " / ".join(f"{r:7.1f}" for r in runs)
-        print(f"  {k:3d} checkpoints  {shown} tok/s  {runs[0] / baseline:5.2f}x")
+        shown = " / ".join(f"{r:6.1f}" for r in runs)
+        print(f"  {k:3d} checkpoints  {shown}   best {best[k] / best[first]:4.2f}x   "
+              f"median {median[k] / median[first]:4.2f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
