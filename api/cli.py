@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from engine.config import LORA_MODES, EngineConfig
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
 from engine.text.reasoning import REASONING_EFFORTS
 from engine.text.reasoning_formats import REASONING_FORMATS
@@ -36,14 +37,26 @@ def _serve(args: argparse.Namespace) -> int:
                           reasoning_parser=args.reasoning_parser,
                           reasoning_budget=args.reasoning_budget,
                           max_queued_requests=args.max_queued_requests)
+    try:
+        EngineConfig(**engine_options(args))    # flags that cannot go together, before loading
+    except ValueError as exc:
+        print(f"pokeserve serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging()
     return serve(lambda: _load_engine(args), config, args.host, args.port, args.threads)
 
 
 def _load_engine(args: argparse.Namespace):
-    import torch
-
     from engine import Engine
+
+    # The core in a process of its own: its loop runs on that process's main thread, away
+    # from the HTTP threads' GIL.
+    return Engine(args.model, core="process", **engine_options(args))
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields `pokeserve serve`'s arguments ask for."""
+    import torch
 
     device = args.device
     if device == "auto":
@@ -56,13 +69,13 @@ def _load_engine(args: argparse.Namespace):
                    max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.enable_prefix_caching,
                    checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks,
+                   max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                   max_lora_rank=args.max_lora_rank, lora_mode=args.lora_mode,
                    batch_invariant=args.batch_invariant)
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
     options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    # The core in a process of its own: its loop runs on that process's main thread, away
-    # from the HTTP threads' GIL.
-    return Engine(args.model, core="process", **options)
+    return options
 
 
 def _add_serve_parser(commands) -> None:
@@ -94,9 +107,25 @@ def _add_serve_parser(commands) -> None:
                        help="tokens per step (prefill chunks and decodes)")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="a request's tokens and logprobs do not depend, bit for bit, on "
-                            "the requests it shares steps with (slower: see BENCHMARKS.md)")
+                            "the requests it shares steps with (slower: see BENCHMARKS.md); "
+                            "checkpoints are then served merged, one per step")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse KV blocks of identical prompt prefixes")
+    serve.add_argument("--max-loras", type=_positive_int, default=EngineConfig.max_loras,
+                       help="distinct checkpoints (LoRA adapters) that may share one step; the "
+                       "base model takes no slot, more checkpoints take turns (default: "
+                       "%(default)s)")
+    serve.add_argument("--max-cpu-loras", type=_positive_int, default=EngineConfig.max_cpu_loras,
+                       help="loaded adapters kept in memory, least recently used dropped first "
+                       "(default: no count, only the bytes of adapter factors are bounded)")
+    serve.add_argument("--max-lora-rank", type=_positive_int, default=EngineConfig.max_lora_rank,
+                       help="the largest LoRA rank served; checkpoints of a higher rank get a "
+                       "400 naming their rank (default: %(default)s)")
+    serve.add_argument("--lora-mode", choices=LORA_MODES, default=EngineConfig.lora_mode,
+                       help="auto: a step with one checkpoint runs it merged into the weights, "
+                       "one with several runs the base unmerged plus each row's adapter; merged: "
+                       "one checkpoint per step, in turns; unmerged: every step unmerged "
+                       "(default: %(default)s)")
     serve.add_argument("--reasoning-parser", choices=sorted(REASONING_FORMATS), default=None,
                        help="the reasoning trace's format for every model served (default: "
                        "detected from the chat template in use, checkpoint's or model's)")

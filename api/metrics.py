@@ -7,7 +7,7 @@ Each app gets its own registry, so several apps (tests) never share counters.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -50,3 +50,7 @@ class _EngineCollector:
                                 value=stats.num_total_blocks)
         yield GaugeMetricFamily("pokeserve_kv_cache_blocks_used", "KV-cache blocks in use",
                                 value=stats.num_total_blocks - stats.num_free_blocks)
+        yield CounterMetricFamily("pokeserve_lora_unmerged_steps",
+                                  "Steps that ran the unmerged base with adapters in slots "
+                                  "(steps that mix checkpoints)",
+                                  value=stats.num_unmerged_lora_steps)

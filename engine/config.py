@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 CPU_KV_CACHE_BYTES = 1 << 30
+# How steps serve checkpoints (engine.checkpoints.lora_serving): "auto" merges a step's
+# one checkpoint and mixes several unmerged; "merged" never mixes; "unmerged" never merges.
+LORA_MODES = ("auto", "merged", "unmerged")
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,30 @@ class EngineConfig:
     sampler_backend: str = "auto"           # "auto" | "triton" | "torch"
     checkpoint_root: str | None = None
     lora_cache_memory: int = 1 << 30        # bytes of adapter tensors kept for fast switching
+    max_loras: int = 16                     # distinct adapters in one step (the base: none)
+    max_cpu_loras: int | None = None        # adapters kept loaded (None: lora_cache_memory's)
+    max_lora_rank: int = 64                 # the largest rank served; higher ones are refused
+    lora_mode: str = "auto"                 # see LORA_MODES
     # A token's results depend on its own sequence only, bit for bit, whatever shares its
-    # steps (engine.layers.batch_invariant; what it costs: BENCHMARKS.md).
+    # steps (engine.layers.batch_invariant; what it costs: BENCHMARKS.md). The mode serves
+    # checkpoints merged, one per step ("auto" becomes "merged"): under "auto" a row's path
+    # (merged weights, or the base plus its adapter) would follow which checkpoints share
+    # its step, and merges start from an exact copy of the base, so a checkpoint's weights
+    # are the same bits every time it is merged.
     batch_invariant: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
+        if self.batch_invariant:
+            if self.lora_mode == "unmerged":
+                raise ValueError("batch_invariant serves checkpoints merged, one per step: "
+                                 "it cannot go with lora_mode 'unmerged'")
+            self.lora_mode = "merged"
 
     def kv_cache_bytes(self) -> int:
         """The KV cache's budget in bytes (call once the model's weights are loaded)."""

@@ -2,7 +2,7 @@
 
     inbox (AddRequest, AbortRequest, Shutdown) ──> loop: apply messages
                                                    │ scheduler.schedule()
-                                                   │ lora.activate(), runner.execute()
+                                                   │ lora.prepare(), runner.execute()
                                                    │ scheduler.update()   (tokens, token-level ends)
                                                    │ each sample's TextPipeline (text, stop strings,
                                                    │   reasoning split, thinking budget)
@@ -11,6 +11,11 @@
 The core knows nothing of where its messages come from: `engine.core_client` runs it
 in a thread of the caller's process or on the main thread of a process of its own.
 The thread that calls `run` owns the model.
+
+A step's checkpoints are served by `lora.prepare` (engine.checkpoints.lora_serving):
+one checkpoint is merged into the weights; several (the scheduler allows up to
+`max_loras` adapters, and the base model) run on the unmerged base, each row adding its
+own adapter from a slot. A checkpoint that cannot be read fails its own sequences only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.checkpoints.errors import CheckpointError
+from engine.checkpoints.lora_serving import LoraServing
 from engine.checkpoints.merge import LoraManager
 from engine.config import EngineConfig
 from engine.messages import AbortRequest, AddRequest, Shutdown, StepOutputs
@@ -34,6 +40,7 @@ from engine.sequence import Sequence
 from engine.state_slots import StateSlotAllocator
 from engine.text.pipeline import TextPipeline
 from engine.text.tokenizer import Tokenizer
+from kernels import get_lora_ops
 
 Message = AddRequest | AbortRequest | Shutdown
 
@@ -62,12 +69,17 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
                                           and cfg.linear_attention is None)
         self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
+        # Exact base copies live in host memory: the KV cache already took the GPU's spare.
+        merger = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu",
+                             max_cached=ecfg.max_cpu_loras, max_rank=ecfg.max_lora_rank)
+        self.lora = LoraServing(model, merger, ecfg.max_loras,
+                                get_lora_ops("auto", ecfg.device), ecfg.lora_mode)
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens, eos_token_ids=cfg.eos_token_ids,
-                                   max_model_len=self.max_model_len, state_slots=self.state_slots)
+                                   max_model_len=self.max_model_len, max_loras=ecfg.max_loras,
+                                   mixable=self.lora.mixable, state_slots=self.state_slots)
         self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
-        # Exact base copies live in host memory: the KV cache already took the GPU's spare.
-        self.lora = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu")
+        self._num_unmerged_steps = 0
         self._samples: dict[str, _Sample] = {}
         self._arrivals = 0
         self._outbox: list[RequestOutput] = []
@@ -77,8 +89,8 @@ class EngineCore:
         s, bm, slots = self.scheduler, self.block_manager, self.state_slots
         return EngineStats(len(s.running), s.num_waiting, bm.num_free_blocks, bm.num_total_blocks,
                            s.num_preemptions, s.num_prefix_cached_tokens,
-                           s.num_computed_prompt_tokens, slots.num_free_slots,
-                           slots.num_total_slots)
+                           s.num_computed_prompt_tokens, self._num_unmerged_steps,
+                           slots.num_free_slots, slots.num_total_slots)
 
     def run(self, inbox: queue.SimpleQueue, emit: Callable[[StepOutputs], None]) -> None:
         """The loop, until a Shutdown message. Each turn emits what it produced."""
@@ -152,14 +164,20 @@ class EngineCore:
 
     def _step(self, batch: ScheduledBatch) -> None:
         try:
-            self.lora.activate(batch.checkpoint)
-            results = self.runner.execute(batch)
-        except Exception as exc:  # a bad checkpoint, a bad request or a bug: fail them, keep serving
+            plan = self.lora.prepare(batch.checkpoints)
+            if plan.failed:   # checkpoints that cannot be read: only their sequences fail
+                failed = [s for s in batch.seqs if s.checkpoint in plan.failed]
+                for seq in failed:
+                    self._fail_prompt(seq, plan.failed[seq.checkpoint])
+                batch = batch.without(set(failed))
+                if not batch.seqs:
+                    return
+            results = self.runner.execute(batch, plan.slots)
+        except Exception as exc:  # a bad request or a bug: fail them, keep serving
             for seq in batch.seqs:
-                for follower in list(seq.followers):   # the other samples of its prompt
-                    self._fail(follower, exc)
-                self._fail(seq, exc)
+                self._fail_prompt(seq, exc)
             return
+        self._num_unmerged_steps += plan.slots is not None
         for update in self.scheduler.update(batch, results):
             try:
                 out = self._output(update)
@@ -194,6 +212,12 @@ class EngineCore:
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._end(seq, self._error(seq.request_id, exc))
+
+    def _fail_prompt(self, seq: Sequence, exc: BaseException) -> None:
+        """Fail `seq` and the other samples of its prompt that wait on it."""
+        for follower in list(seq.followers):
+            self._fail(follower, exc)
+        self._fail(seq, exc)
 
     @staticmethod
     def _error(sample_id: str, exc: BaseException) -> RequestOutput:

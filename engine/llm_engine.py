@@ -55,7 +55,8 @@ class Engine:
         self.model_name = self.model_dir.name
         self.model_config = cfg = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.checkpoints = CheckpointStore(self.config.checkpoint_root, self.model_name, cfg)
+        self.checkpoints = CheckpointStore(self.config.checkpoint_root, self.model_name, cfg,
+                                           max_lora_rank=self.config.max_lora_rank)
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()      # guards _streams and _alive
         self._alive = True

@@ -3,10 +3,13 @@
 The batch is laid out as the attention layer expects: decodes (one new token) first,
 then prefill chunks. Logits are computed only for the rows that need them: the last
 token of each sequence that is due to sample, and prompt positions whose logprobs
-were asked for.
+were asked for. In a step that mixes checkpoints, each row's adapter slot goes down
+with the attention metadata (`meta.lora`), and the rows of the logits get their own.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +21,9 @@ from engine.outputs import SeqStepResult
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from kernels.lora_mapping import LoraMapping
+
+Slots = dict[Path | None, int]   # checkpoint -> its adapter slot, in a step that mixes them
 
 
 def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -67,7 +73,10 @@ class ModelRunner:
         self.sampler = Sampler(ecfg.sampler_backend, self.device, cfg.eos_token_ids)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> dict[Sequence, SeqStepResult]:
+    def execute(self, batch: ScheduledBatch,
+                slots: Slots | None = None) -> dict[Sequence, SeqStepResult]:
+        """Run the step; `slots`: each checkpoint's adapter slot when the step mixes them
+        (None: the weights serve every row as they are)."""
         # Decodes first, shortest context first (attention groups them by length).
         order = sorted(range(len(batch.seqs)), key=lambda i: (batch.num_new_tokens[i] != 1,
                                                               batch.seqs[i].num_tokens))
@@ -76,13 +85,18 @@ class ModelRunner:
         self._copy_blocks(batch.block_copies)
         self._copy_states(batch.state_copies)
         input_ids, positions, meta = self._prepare(seqs, counts)
+        row_slots = None
+        if slots is not None:
+            row_slots = [slots[seq.checkpoint] for seq, n in zip(seqs, counts) for _ in range(n)]
+            meta.lora = LoraMapping.from_row_slots(row_slots, self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         results = {seq: SeqStepResult() for seq in seqs}
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
-        self._prompt_logprobs(hidden, seqs, counts, starts, results)
-        self._sample(hidden, seqs, counts, starts, results)
+        logits = _Logits(self.model, hidden, row_slots, self.device)
+        self._prompt_logprobs(logits, seqs, counts, starts, results)
+        self._sample(logits, seqs, counts, starts, results)
         return results
 
     def _prepare(self, seqs: list[Sequence], counts: list[int]):
@@ -107,15 +121,14 @@ class ModelRunner:
             state_slots=state_slots)
         return as_tensor(input_ids), as_tensor(positions), meta
 
-    def _sample(self, hidden, seqs, counts, starts, results) -> None:
+    def _sample(self, logits, seqs, counts, starts, results) -> None:
         """One token for each sequence whose step reaches its end, and one from the same
         logits for each of its followers (the other samples of its prompt, about to fork)."""
         due = [i for i, (s, n) in enumerate(zip(seqs, counts))
                if s.num_computed_tokens + n == s.num_tokens]
         if not due:
             return
-        rows = torch.tensor([starts[i + 1] - 1 for i in due], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])     # [num_due, vocab] float32
+        logits = logits([starts[i + 1] - 1 for i in due])   # [num_due, vocab] float32
         samplers = [(j, s) for j, i in enumerate(due) for s in (seqs[i], *seqs[i].followers)]
         if len(samplers) > len(due):
             logits = logits[torch.tensor([j for j, _ in samplers], device=self.device)]
@@ -144,7 +157,7 @@ class ModelRunner:
                 cache.conv[dst] = cache.conv[src]
                 cache.recurrent[dst] = cache.recurrent[src]
 
-    def _prompt_logprobs(self, hidden, seqs, counts, starts, results) -> None:
+    def _prompt_logprobs(self, logits, seqs, counts, starts, results) -> None:
         """Logprob of each prompt token given its prefix, for the prompt tokens that this
         chunk's logits predict (position p's logits predict token p + 1)."""
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -154,9 +167,24 @@ class ModelRunner:
             last = min(first + n, seq.num_prompt_tokens - 1)    # positions predicting a prompt token
             if last <= first:
                 continue
-            rows = torch.arange(starts[i], starts[i] + last - first, device=self.device)
+            rows = list(range(starts[i], starts[i] + last - first))
             targets = torch.tensor(seq.prompt_ids[first + 1:last + 1], device=self.device)
-            out = self.sampler.logprobs(self.model.compute_logits(hidden[rows]), targets,
+            out = self.sampler.logprobs(logits(rows), targets,
                                         [seq.params.prompt_logprobs] * len(targets))
             r = results[seq]
             r.prompt_logprobs, r.prompt_top_logprobs = out.logprobs, out.top_logprobs
+
+
+class _Logits:
+    """The logits of chosen rows of a step's hidden states, each row with its adapter."""
+
+    def __init__(self, model: nn.Module, hidden: torch.Tensor, row_slots: list[int] | None,
+                 device: torch.device) -> None:
+        self.model, self.hidden, self.row_slots, self.device = model, hidden, row_slots, device
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        """rows -> float32 logits [len(rows), vocab]."""
+        lora = None if self.row_slots is None else LoraMapping.from_row_slots(
+            [self.row_slots[r] for r in rows], self.device)
+        picked = self.hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(picked, lora)

@@ -16,9 +16,15 @@ fork from it when its prefill ends (its first token is sampled for each of them 
 the same logits, each with its own seed), and a waiting prompt whose next block
 another sequence is computing right now waits a step to take it from the prefix cache.
 
-All sequences of one step share one checkpoint (its LoRA is merged into the weights).
-The scheduler stays on a checkpoint while it has work, and moves to the oldest
-waiting work of another one after `max_steps_per_checkpoint` steps, so none starves.
+Sequences of different checkpoints share a step: up to `max_loras` distinct adapters
+(vLLM's count: the base model takes no slot), each row adding its own adapter to the
+unmerged base weights; a step with one checkpoint runs it merged instead
+(engine.checkpoints.lora_serving). A checkpoint that cannot mix (`mixable` says no:
+MoE expert adapters, or a family or mode that only merges) is served alone. The step's
+set of checkpoints keeps those it serves while they have work and takes newcomers while
+it has room; when work waits outside it for `max_steps_per_checkpoint` steps, the turn
+ends and the least recently served checkpoints (oldest request first) come in, so none
+starves. With nothing that mixes, that is one checkpoint per step, in turns.
 
 After each step, `update` advances the sequences: it is the only writer of their
 progress, and it ends those that a token ends (EOS, a stop token, the length limit).
@@ -27,7 +33,8 @@ progress, and it ends those that a token ends (EOS, a stop token, the length lim
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.block_manager import BlockManager
@@ -38,13 +45,23 @@ from engine.state_slots import StateSlotAllocator
 
 @dataclass
 class ScheduledBatch:
-    checkpoint: Path | None
     seqs: list[Sequence]
     num_new_tokens: list[int]            # per sequence, same order
     # KV blocks to copy (source, destination) before the step: forks' partial blocks.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     # State slots to copy (source, destination) before the step: forks' states.
     state_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> list[Path | None]:
+        """The distinct checkpoints of the step's sequences (None: the base model)."""
+        return list(dict.fromkeys(seq.checkpoint for seq in self.seqs))
+
+    def without(self, dropped: set[Sequence]) -> ScheduledBatch:
+        """The batch less `dropped` (sequences failed before the step ran)."""
+        kept = [i for i, seq in enumerate(self.seqs) if seq not in dropped]
+        return replace(self, seqs=[self.seqs[i] for i in kept],
+                       num_new_tokens=[self.num_new_tokens[i] for i in kept])
 
 
 @dataclass
@@ -60,22 +77,30 @@ class SequenceUpdate:
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
+def _always(checkpoint: Path | None) -> bool:
+    return True
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
+                 max_loras: int = 16, mixable: Callable[[Path | None], bool] = _always,
                  state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_steps_per_checkpoint = max_steps_per_checkpoint
+        self.max_loras = max_loras
+        self.mixable = mixable
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # oldest first
-        self.checkpoint: Path | None = None
-        self.steps_on_checkpoint = 0
+        self.serving: list[Path | None] = [None]   # the checkpoints steps serve now (None: base)
+        self.serving_alone = not mixable(None)     # serving one that cannot mix
+        self.steps_on_checkpoints = 0              # steps since the set last turned over
         self.step_count = 0
         self.last_served: dict[Path | None, int] = {}
         self.preempted_this_step = False
@@ -113,12 +138,13 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         if not self.has_work():
             return None
-        self._pick_checkpoint()
+        self._pick_checkpoints()
         self.preempted_this_step = False
         seqs, counts = [], []
         budget = self.max_num_batched_tokens
+        serving = set(self.serving)
         for seq in list(self.running):
-            if seq.checkpoint != self.checkpoint or seq.status is not SequenceStatus.RUNNING:
+            if seq.checkpoint not in serving or seq.status is not SequenceStatus.RUNNING:
                 continue
             if budget == 0 or len(seqs) == self.max_num_seqs:
                 break
@@ -128,14 +154,14 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        self._admit_waiting(seqs, counts, budget)
+        self._admit_waiting(seqs, counts, budget, serving)
         if not seqs:
             return None
-        self.steps_on_checkpoint += 1
+        self.steps_on_checkpoints += 1
         self.step_count += 1
         copies, self._pending_copies = self._pending_copies, []
         state_copies, self._pending_state_copies = self._pending_state_copies, []
-        return ScheduledBatch(self.checkpoint, seqs, counts, copies, state_copies)
+        return ScheduledBatch(seqs, counts, copies, state_copies)
 
     def update(self, batch: ScheduledBatch,
                results: dict[Sequence, SeqStepResult]) -> list[SequenceUpdate]:
@@ -208,14 +234,15 @@ class Scheduler:
         self.running[at:at] = forked
         return forked
 
-    def _admit_waiting(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
+    def _admit_waiting(self, seqs: list[Sequence], counts: list[int], budget: int,
+                       serving: set[Path | None]) -> None:
         if self.preempted_this_step:
             return  # the cache is under pressure: let the running sequences drain first
         skipped: list[Sequence] = []
         promised = self._promised_blocks()
         while self.waiting and budget > 0 and len(seqs) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if seq.checkpoint != self.checkpoint or self._next_block_is_promised(seq, promised):
+            if seq.checkpoint not in serving or self._next_block_is_promised(seq, promised):
                 skipped.append(seq)
                 continue
             cached = self.bm.allocate_cached_prefix(seq)
@@ -310,15 +337,25 @@ class Scheduler:
                 self.waiting.appendleft(heir)
         seq.status = SequenceStatus.FINISHED
 
-    def _pick_checkpoint(self) -> None:
-        pending = [*self.running, *self.waiting]
-        has_current = any(s.checkpoint == self.checkpoint for s in pending)
-        if has_current and self.steps_on_checkpoint < self.max_steps_per_checkpoint:
-            return
-        others = [s for s in pending if s.checkpoint != self.checkpoint]
-        if others:
-            # Round robin: the checkpoint served least recently (never: by oldest request).
-            nxt = min(others, key=lambda s: (self.last_served.get(s.checkpoint, -1), s.arrival))
-            self.last_served[self.checkpoint] = self.step_count
-            self.checkpoint = nxt.checkpoint
-        self.steps_on_checkpoint = 0
+    def _pick_checkpoints(self) -> None:
+        """The checkpoints this step may serve (see the module docstring for the rule)."""
+        oldest: dict[Path | None, int] = {}   # checkpoint with work -> its oldest request
+        for seq in (*self.running, *self.waiting):
+            oldest[seq.checkpoint] = min(oldest.get(seq.checkpoint, seq.arrival), seq.arrival)
+        outside = oldest.keys() - set(self.serving)
+        if outside and self.steps_on_checkpoints >= self.max_steps_per_checkpoint:
+            for checkpoint in self.serving:          # the turn is over: to the back of the line
+                self.last_served[checkpoint] = self.step_count
+            self.serving, outside = [], set(oldest)
+        self.serving = [c for c in self.serving if c in oldest]
+        if not self.serving:
+            self.steps_on_checkpoints = 0
+        for checkpoint in sorted(outside, key=lambda c: (self.last_served.get(c, -1), oldest[c])):
+            if not self.serving:
+                self.serving, self.serving_alone = [checkpoint], not self.mixable(checkpoint)
+            elif not self.serving_alone and self._has_room(checkpoint) and self.mixable(checkpoint):
+                self.serving.append(checkpoint)
+
+    def _has_room(self, checkpoint: Path | None) -> bool:
+        """Whether the set can take `checkpoint`: the base model needs no adapter slot."""
+        return checkpoint is None or sum(c is not None for c in self.serving) < self.max_loras

@@ -3,6 +3,8 @@
 `get_sampling_ops` picks the implementation of the sampling step: the Triton kernels
 (sampling.py, penalties.py, logprobs.py) on CUDA, the PyTorch reference (sampling_ref.py)
 elsewhere. Both take and return the same tensors; see sampling_ref.py for the semantics.
+`get_lora_ops` does the same for the segmented LoRA product of steps that mix adapters
+(lora.py, and lora_ref.py for its semantics), by the same rule.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "POKESERVE_SAMPLER"
+LORA_ENV_VAR = "POKESERVE_LORA_KERNELS"
 
 
 @dataclass(frozen=True)
@@ -29,26 +32,43 @@ class SamplingOps:
     logprobs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _choose(backend: str, device: torch.device) -> str:
+@dataclass(frozen=True)
+class LoraOps:
+    """The segmented LoRA product of one backend ("torch" or "triton"): see lora_ref.py.
+    `lookup` (an embedding adapter's gather) is plain PyTorch in both."""
+
+    name: str
+    shrink: Callable[..., torch.Tensor]
+    expand: Callable[..., None]
+    lookup: Callable[..., torch.Tensor]
+
+
+def _choose(backend: str, device: torch.device, what: str = "sampler",
+            env_var: str = ENV_VAR) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"sampler backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{what} backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "") or "auto"
+        backend = os.environ.get(env_var, "") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"{env_var} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         has_triton = importlib.util.find_spec("triton") is not None
         return "triton" if device.type == "cuda" and has_triton else "torch"
     return backend
 
 
-def _triton_ops(device: torch.device) -> SamplingOps:
+def _check_triton(device: torch.device, what: str) -> None:
     if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("sampler backend 'triton' needs the triton package, which is not installed")
+        raise RuntimeError(f"{what} backend 'triton' needs the triton package, "
+                           "which is not installed")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
-            f"sampler backend 'triton' on device {device.type!r} needs the Triton interpreter: "
+            f"{what} backend 'triton' on device {device.type!r} needs the Triton interpreter: "
             "set TRITON_INTERPRET=1 in the environment before triton is imported")
+
+
+def _triton_ops(device: torch.device) -> SamplingOps:
+    _check_triton(device, "sampler")
     from kernels import logprobs, penalties, sampling
 
     return SamplingOps("triton", penalties.apply_penalties, penalties.apply_logit_bias,
@@ -68,3 +88,17 @@ def get_sampling_ops(backend: str = "auto", device: torch.device | str = "cpu") 
 
     return SamplingOps("torch", sampling_ref.apply_penalties, sampling_ref.apply_logit_bias,
                        sampling_ref.sample, sampling_ref.logprobs)
+
+
+def get_lora_ops(backend: str = "auto", device: torch.device | str = "cpu") -> LoraOps:
+    """The segmented LoRA product for `backend` ("auto" | "triton" | "torch") on `device`:
+    as `get_sampling_ops`, with POKESERVE_LORA_KERNELS overriding "auto"."""
+    device = torch.device(device)
+    from kernels import lora_ref
+
+    if _choose(backend, device, "LoRA", LORA_ENV_VAR) == "triton":
+        _check_triton(device, "LoRA")
+        from kernels import lora
+
+        return LoraOps("triton", lora.shrink, lora.expand, lora_ref.lookup)
+    return LoraOps("torch", lora_ref.shrink, lora_ref.expand, lora_ref.lookup)

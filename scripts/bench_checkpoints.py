@@ -91,7 +91,7 @@ def bench(model_dir: Path, root: Path, names: list[str], prompt: list[int], repe
     # In-process core: the timer wraps its LoRA manager.
     engine = Engine(model_dir, core="thread", checkpoint_root=str(root),
                     enable_prefix_caching=False, progress=False)
-    timer = SwitchTimer(engine.core.lora)
+    timer = SwitchTimer(engine.core.lora.merger)
     results: dict[str, tuple[list[float], list[float]]] = {}
 
     def measure(label: str, checkpoint: str | None) -> None:

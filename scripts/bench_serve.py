@@ -64,8 +64,13 @@ def bench_http(url: str, model: str, reqs) -> tuple[float, list[float]]:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--device", args.device,
-           "--dtype", args.dtype, "--model", str(args.model_dir)]
+    return serve(port, "--device", args.device, "--dtype", args.dtype,
+                 "--model", str(args.model_dir))
+
+
+def serve(port: int, *flags: str) -> subprocess.Popen:
+    """`pokeserve serve --port port *flags` in its own process, once it answers /health."""
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "POKESERVE_API_KEY": ""})
     deadline = time.monotonic() + 600

@@ -42,6 +42,10 @@ from engine.models.registry import lora_targets, model_class
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+# How a loaded adapter is known: (resolved directory, inode, mtime_ns, size of its weights
+# file), so that a rewritten checkpoint is a new adapter.
+AdapterKey = tuple[Path, int, int, int]
+MISSING = (0, 0, 0)   # the key's file part when there is no weights file to read
 LM_HEAD, EMBEDDING = "lm_head", "model.embed_tokens"
 # Module names the training service uses for what Hugging Face calls otherwise.
 MODULE_ALIASES = {"model.unembed_tokens": LM_HEAD}
@@ -104,22 +108,40 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.modules)
 
+    @property
+    def adapts_experts(self) -> bool:
+        """Whether it holds 3-D expert factors (those are served merged only)."""
+        return any(m.lora_a.dim() == 3 for m in self.modules)
 
-def inspect_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False) -> AdapterConfig:
-    """Check an adapter against the base model from its config and tensor headers only
-    (cheap: no tensor is read). Raises CheckpointInvalid naming the problem."""
+
+def adapter_key(checkpoint_dir: Path) -> AdapterKey:
+    path = checkpoint_dir.resolve()
+    for name in (SAFETENSORS_FILE, PICKLE_FILE):
+        try:
+            stat = (path / name).stat()
+        except FileNotFoundError:
+            continue
+        return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return (path, *MISSING)   # nothing to read: load_adapter says what is missing
+
+
+def inspect_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False,
+                    max_rank: int | None = None) -> AdapterConfig:
+    """Check an adapter against the base model (and its ranks against `max_rank`) from its
+    config and tensor headers only (cheap: no tensor is read). Raises CheckpointInvalid
+    naming the problem."""
     config = AdapterConfig.from_dir(adapter_dir)
     with _open_weights(adapter_dir, allow_pickle) as tensors:
-        _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg)
+        _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg, max_rank)
     return config
 
 
 def load_adapter(adapter_dir: Path, cfg: ModelConfig, allow_pickle: bool = False,
-                 device: str | torch.device = "cpu") -> LoraAdapter:
+                 device: str | torch.device = "cpu", max_rank: int | None = None) -> LoraAdapter:
     """Read and check an adapter; factors come back in float32 on `device`."""
     config = AdapterConfig.from_dir(adapter_dir)
     with _open_weights(adapter_dir, allow_pickle) as tensors:
-        plan = _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg)
+        plan = _plan(config, {key: tensors.shape(key) for key in tensors.keys()}, cfg, max_rank)
         modules = [LoraModule(module, scale,
                               tensors.get(a_key).to(device, torch.float32),
                               tensors.get(b_key).to(device, torch.float32))
@@ -137,8 +159,8 @@ def _check_finite(modules: list[LoraModule]) -> None:
     raise CheckpointInvalid(f"{bad.module}: the LoRA factors hold NaN or infinite values")
 
 
-def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
-          cfg: ModelConfig) -> dict[str, tuple[str, str, float]]:
+def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+          max_rank: int | None = None) -> dict[str, tuple[str, str, float]]:
     """Served module name -> (A key, B key, scale), after checking every tensor's name and shape."""
     targets = lora_targets(cfg)
     _check_target_modules(config, targets, cfg)
@@ -159,6 +181,10 @@ def _plan(config: AdapterConfig, shapes: dict[str, tuple[int, ...]],
         if module in plan:
             raise CheckpointInvalid(f"{name}: {module} is adapted twice")
         rank = _rank(name, targets[module], shapes[keys["A"]], shapes[keys["B"]])
+        if max_rank is not None and rank > max_rank:
+            raise CheckpointInvalid(f"{name}: LoRA rank {rank} is above the largest rank this "
+                                    f"server holds, {max_rank} (serve it with --max-lora-rank "
+                                    f"{rank} or more)")
         plan[module] = (keys["A"], keys["B"], config.scale(name, rank))
     _check_no_slice_of_an_adapted_module(plan, model_class(cfg.model_type))
     return plan

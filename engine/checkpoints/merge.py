@@ -14,6 +14,9 @@ adapter on `lm_head` or on the input embedding unties them for as long as it is 
 (PEFT applies each delta to its own module only), and the base re-ties them.
 
 Only the engine thread may call `activate`: it rewrites weights the model is using.
+Steps that mix checkpoints run the base weights (`activate(None)`) and add each row's
+adapter from slots instead (engine.checkpoints.lora_serving decides, step by step); the
+adapters both ways are read once into this manager's cache.
 """
 
 from __future__ import annotations
@@ -25,26 +28,25 @@ import torch
 from torch import nn
 
 from engine.checkpoints.adapter import (
-    PICKLE_FILE,
-    SAFETENSORS_FILE,
+    MISSING,
+    AdapterKey,
     LoraAdapter,
     LoraModule,
+    adapter_key,
     load_adapter,
 )
 from engine.checkpoints.errors import CheckpointInvalid
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
-# (resolved directory, inode, mtime_ns, size of its weights file): a rewritten checkpoint is a new one.
-AdapterKey = tuple[Path, int, int, int]
 Index = slice | tuple[int | slice, ...]   # the part of a parameter one module's delta fills
-_MISSING = (0, 0, 0)
 
 
 class AdapterCache:
-    """Loaded adapters, least recently used evicted first, bounded by their tensors' bytes."""
+    """Loaded adapters, least recently used evicted first, bounded by their tensors' bytes
+    and by their number (vLLM's `max_cpu_loras`; None: bytes only)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, max_count: int | None = None) -> None:
+        self.max_bytes, self.max_count = max_bytes, max_count
         self.nbytes = 0
         self._entries: OrderedDict[AdapterKey, LoraAdapter] = OrderedDict()
 
@@ -62,22 +64,27 @@ class AdapterCache:
             return
         self._entries[key] = adapter
         self.nbytes += adapter.nbytes
-        while self.nbytes > self.max_bytes:
+        while self._over_bounds():
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
+
+    def _over_bounds(self) -> bool:
+        too_many = self.max_count is not None and len(self._entries) > self.max_count
+        return too_many or self.nbytes > self.max_bytes
 
 
 class LoraManager:
     def __init__(self, model: nn.Module, cache_bytes: int = 1 << 30, allow_pickle: bool = False,
-                 backup_device: str | torch.device | None = None, keep_base: bool = True) -> None:
-        """`cache_bytes` bounds the cached adapter factors (float32 on the model's device);
-        `backup_device` holds the exact base copies (default: the model's device).
-        `keep_base=False` merges one adapter for good (an export): no base copies, no
-        second `activate`."""
+                 backup_device: str | torch.device | None = None, max_cached: int | None = None,
+                 max_rank: int | None = None, keep_base: bool = True) -> None:
+        """`cache_bytes` and `max_cached` bound the cached adapters (float32 factors on the
+        model's device); `backup_device` holds the exact base copies (default: the model's
+        device); adapters of a rank above `max_rank` are refused. `keep_base=False` merges
+        one adapter for good (an export): no base copies, no second `activate`."""
         self.model = model
         self.keep_base = keep_base
-        self.cache = AdapterCache(cache_bytes)
-        self.allow_pickle = allow_pickle
+        self.cache = AdapterCache(cache_bytes, max_cached)
+        self.allow_pickle, self.max_rank = allow_pickle, max_rank
         self._device = model.embed_tokens.weight.device
         self._backup_device = torch.device(backup_device) if backup_device else self._device
         self._tied = model.cfg.tie_word_embeddings
@@ -101,12 +108,13 @@ class LoraManager:
 
         Raises CheckpointInvalid if the adapter cannot be read; the model is then unchanged.
         """
-        key = None if checkpoint_dir is None else _adapter_key(Path(checkpoint_dir))
+        key = None if checkpoint_dir is None else adapter_key(Path(checkpoint_dir))
         if not self.keep_base and self._active is not None:
             raise RuntimeError("this LoraManager keeps no base copies: it merges once")
-        if key == self._active or (key is not None and key[1:] == _MISSING and key[0] == self.active):
+        deleted_in_use = key is not None and key[1:] == MISSING and key[0] == self.active
+        if key == self._active or deleted_in_use:
             return   # unchanged; or deleted while in use: finish its requests with what is merged
-        targets = self._targets(None if key is None else self._load(key))
+        targets = self._targets(None if key is None else self.load(key))
         for name in self._modified - targets.keys():
             self._restore(name)
         if LM_HEAD in targets and self.model.lm_head.weight is self.model.embed_tokens.weight:
@@ -118,11 +126,13 @@ class LoraManager:
         self._modified = set(targets)
         self._active = key
 
-    def _load(self, key: AdapterKey) -> LoraAdapter:
+    def load(self, key: AdapterKey) -> LoraAdapter:
+        """The adapter `key` names, from the cache or read now (CheckpointInvalid if unreadable)."""
         adapter = self.cache.get(key)
         if adapter is None:
             try:
-                adapter = load_adapter(key[0], self.model.cfg, self.allow_pickle, self._device)
+                adapter = load_adapter(key[0], self.model.cfg, self.allow_pickle, self._device,
+                                       self.max_rank)
             except CheckpointInvalid as e:
                 raise CheckpointInvalid(f"Checkpoint `{key[0].name}` cannot be served: {e}") from None
             self.cache.put(key, adapter)
@@ -167,13 +177,3 @@ class LoraManager:
             self._base[source] = weight.to(self._backup_device, copy=True)
         return self._base[source]
 
-
-def _adapter_key(checkpoint_dir: Path) -> AdapterKey:
-    path = checkpoint_dir.resolve()
-    for name in (SAFETENSORS_FILE, PICKLE_FILE):
-        try:
-            stat = (path / name).stat()
-        except FileNotFoundError:
-            continue
-        return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
-    return (path, *_MISSING)   # nothing to read: load_adapter says what is missing

@@ -73,12 +73,15 @@ class CheckpointStore:
     """Thread-safe: it holds no mutable state (the archive cache is safe to share)."""
 
     def __init__(self, root: str | Path | None, base_model_name: str, model_cfg: ModelConfig,
-                 allow_pickle: bool = False, cache_dir: str | Path | None = None) -> None:
-        """`cache_dir` holds extracted archives (default: $POKESERVE_HOME/checkpoint-cache)."""
+                 allow_pickle: bool = False, cache_dir: str | Path | None = None,
+                 max_lora_rank: int | None = None) -> None:
+        """`cache_dir` holds extracted archives (default: $POKESERVE_HOME/checkpoint-cache);
+        adapters of a rank above `max_lora_rank` are refused (CheckpointInvalid)."""
         self.root = Path(root).expanduser().resolve() if root is not None else None
         self.base_model_name = base_model_name
         self.model_cfg = model_cfg
         self.allow_pickle = allow_pickle
+        self.max_lora_rank = max_lora_rank
         self.archives = ArchiveCache(Path(cache_dir or pokeserve_home() / "checkpoint-cache"))
 
     def resolve(self, name: str) -> CheckpointInfo | None:
@@ -93,7 +96,7 @@ class CheckpointStore:
         found = self._find(name)
         try:
             path = self._directory(name, found)
-            config = inspect_adapter(path, self.model_cfg, self.allow_pickle)
+            config = inspect_adapter(path, self.model_cfg, self.allow_pickle, self.max_lora_rank)
             return self._info(name, path, found.path, config, *_dir_facts(name, path))
         except CheckpointInvalid as e:
             raise CheckpointInvalid(f"Checkpoint `{name}` cannot be served: {e}") from None

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.invariant_attention_ref import invariant_attention
+from kernels.lora_mapping import LoraMapping
 
 if TYPE_CHECKING:
     from engine.layers.linear_attention import StateSlotMetadata
@@ -73,6 +74,10 @@ class AttentionMetadata:
     Sequences are ordered decodes first (one new token each, shortest context first),
     then prefill chunks. The groups depend only on this layout, not on the layer, so
     they are built once per step.
+
+    `lora` travels with it, for the same reason: in a step that mixes checkpoints, the
+    rows grouped by adapter slot, which every adapted layer reads (None: the weights as
+    they are, merged or base, serve every row).
     """
 
     slot_mapping: torch.Tensor   # [num_tokens] flat cache slot of each new token
@@ -81,6 +86,7 @@ class AttentionMetadata:
     query_lens: list[int]        # new tokens per sequence (sums to num_tokens)
     num_decodes: int             # the first num_decodes sequences have query_len 1
     block_size: int
+    lora: LoraMapping | None = None                # steps that mix checkpoints
     state_slots: StateSlotMetadata | None = None   # models with linear-attention layers
 
     def __post_init__(self) -> None:

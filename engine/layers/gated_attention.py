@@ -42,7 +42,7 @@ class GatedAttention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x: [T, hidden]; rope: cos and sin for `rotary_dim` dims -> [T, hidden]."""
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, meta.lora)
         query_gate = qkv[:, :2 * h * d].view(-1, h, 2 * d)               # [T, H, 2D]
         kv = qkv[:, 2 * h * d:].view(-1, 2 * kvh, d)                      # [T, 2 * KVH, D]
         q = self.q_norm(query_gate[..., :d])                              # [T, H, D]
@@ -53,4 +53,4 @@ class GatedAttention(nn.Module):
         out = paged_attention(q, kv_cache, meta, self.scale,              # [T, H, D]
                               batch_invariant=self.batch_invariant)
         gate = sigmoid(query_gate[..., d:], self.batch_invariant)         # [T, H, D]
-        return self.o_proj((out * gate).flatten(1))
+        return self.o_proj((out * gate).flatten(1), meta.lora)

@@ -12,8 +12,13 @@ the dense weight stays the one that loading and LoRA merges write, and a change 
 new tensor, or its version counter moved) repacks it before the next product.
 `PackedWeight` is that rule, for this layer and for the experts of engine.layers.moe.
 
+In a step that mixes checkpoints the layer adds each row's own adapter to the base
+product (`lora`, the step's rows by adapter slot; the factors are `lora_slots`, see
+engine.layers.lora). In every other step the weight already holds what is served.
+
 In the batch-invariant mode (engine.layers.batch_invariant) the product runs over fixed
-tiles of rows, so that its kernel never sees a batch-dependent shape.
+tiles of rows, so that its kernel never sees a batch-dependent shape; that mode serves
+checkpoints merged (engine.config), so no step of it mixes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.batch_invariant import cuda_matmul, tiled_rows
+from engine.layers.lora import LoraSlots
+from kernels.lora_mapping import LoraMapping
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -62,10 +69,17 @@ class PackedWeight:
 
 class Linear(nn.Linear):
     _packed: PackedWeight | None = None     # made at the first product on oneDNN
+    lora_slots: LoraSlots | None = None     # made when an adapter in a slot adapts this layer
     batch_invariant = False                 # set by engine.layers.batch_invariant.enable
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [n, in] -> [n, out]."""
+    def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out]; `lora`: the step's rows by adapter slot, if it mixes."""
+        y = self._base_product(x)
+        if lora is not None and self.lora_slots is not None:
+            self.lora_slots.add(y, x, lora)
+        return y
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
         if not self.batch_invariant:
             return self._product(x)
         if x.is_cuda:

@@ -102,23 +102,24 @@ class GatedDeltaNet(nn.Module):
         invariant = self.batch_invariant
         conv_step = lambda x, s: causal_conv1d_step(x, weight, s, invariant)  # noqa: E731
         mixed = _per_sequence(                                            # [T, 2 * Kd + Vd]
-            meta, state.conv, (self.in_proj_qkv(x),), decodes=conv_step,
+            meta, state.conv, (self.in_proj_qkv(x, meta.lora),), decodes=conv_step,
             chunk=self._chunk_form(conv_step, lambda x, s: causal_conv1d(x, weight, s)))
         q, k, v = mixed.split([spec.key_dim, spec.key_dim, spec.value_dim], dim=-1)
         repeat = spec.num_value_heads // spec.num_key_heads
         q, k = (l2_normalize(t.view(num_tokens, spec.num_key_heads, spec.key_head_dim))
                 .repeat_interleave(repeat, dim=1) for t in (q, k))     # [T, Hv, Dk] float32
         v = v.reshape(num_tokens, spec.num_value_heads, spec.value_head_dim)
-        beta = sigmoid(self.in_proj_b(x), self.batch_invariant)         # [T, Hv]
+        beta = sigmoid(self.in_proj_b(x, meta.lora), self.batch_invariant)       # [T, Hv]
         # float32 before exp: in half precision A could overflow to -inf
-        g = -self.A_log.float().exp() * softplus(self.in_proj_a(x).float() + self.dt_bias,
-                                                      self.batch_invariant)
+        g = -self.A_log.float().exp() * softplus(
+            self.in_proj_a(x, meta.lora).float() + self.dt_bias, self.batch_invariant)
         out = _per_sequence(meta, state.recurrent, (q, k, v, g, beta),  # [T, Hv, Dv] float32
                             decodes=recurrent_gated_delta_rule,
                             chunk=self._chunk_form(recurrent_gated_delta_rule,
                                                    chunk_gated_delta_rule))
-        z = self.in_proj_z(x).view(num_tokens, spec.num_value_heads, spec.value_head_dim)
-        return self.out_proj(self.norm(out.to(x.dtype), z).flatten(1))
+        z = self.in_proj_z(x, meta.lora).view(num_tokens, spec.num_value_heads,
+                                              spec.value_head_dim)
+        return self.out_proj(self.norm(out.to(x.dtype), z).flatten(1), meta.lora)
 
     def _chunk_form(self, step: Callable, chunked: Callable) -> Callable:
         """How a prefill chunk runs: `chunked`, or in the batch-invariant mode the

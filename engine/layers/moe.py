@@ -38,6 +38,7 @@ from engine.config import LoraTarget
 from engine.layers.activation import silu
 from engine.layers.batch_invariant import cuda_matmul, tiled_rows
 from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
+from kernels.lora_mapping import LoraMapping
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Activation = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -178,7 +179,8 @@ class SparseMoE(nn.Module):
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, activation,
                                     expert_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> [T, H]."""
-        weights, experts = self.router(self.gate(x))                    # [T, k] each
+    def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H]. `lora` reaches the router only: checkpoints that adapt the
+        experts are served merged, never in a step that mixes checkpoints."""
+        weights, experts = self.router(self.gate(x, lora))              # [T, k] each
         return self.experts(x, weights, experts)

@@ -3,9 +3,10 @@ logits, tied embeddings, and where a Hugging Face weight lands in a fused projec
 
 A family subclasses `CausalLM`: its `__init__` builds `embed_tokens`, `layers` (each
 called as `layer(x, rope, cache, meta)` with its own cache), `norm`, `rotary` and
-`lm_head`, it names its fused projections (`packed_modules`, `_shard_sizes`) and each
-layer's adaptable modules (`layer_lora_targets`). The loader and LoRA merging both go
-through `param_slice`.
+`lm_head` (engine.layers' Embedding and Linear, which add the rows' adapters in a step
+that mixes checkpoints: `meta.lora`), it names its fused projections (`packed_modules`,
+`_shard_sizes`) and each layer's adaptable modules (`layer_lora_targets`). The loader
+and LoRA merging both go through `param_slice`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
 from engine.layers.attention import AttentionMetadata
+from kernels.lora_mapping import LoraMapping
 
 
 class CausalLM(nn.Module):
@@ -33,15 +35,16 @@ class CausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens]; caches: one per layer (see
         engine.model_runner.allocate_kv_caches) -> hidden states [num_tokens, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, meta.lora)
         rope = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, hidden] -> float32 logits [n, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor,
+                       lora: LoraMapping | None = None) -> torch.Tensor:
+        """hidden: [n, hidden] -> float32 logits [n, vocab]; `lora`: these n rows by slot."""
+        return self.lm_head(hidden, lora).float()
 
     @classmethod
     def lora_targets(cls, cfg: ModelConfig) -> dict[str, LoraTarget]:

@@ -13,10 +13,12 @@ from torch import nn
 from engine.config import LoraTarget, ModelConfig
 from engine.layers.activation import silu
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
+from engine.layers.embedding import Embedding
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary_
 from engine.models.causal_lm import CausalLM
+from kernels.lora_mapping import LoraMapping
 
 # Hugging Face module -> (fused module, index of its shard inside the fused one).
 PACKED_MODULES = {
@@ -61,7 +63,7 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cfg, h, kvh = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads
         # [T, H + 2 * KVH, D]: the q heads, then the k heads, then the v heads
-        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, cfg.head_dim)
+        qkv = self.qkv_proj(x, meta.lora).view(-1, h + 2 * kvh, cfg.head_dim)
         if cfg.qk_norm:
             qkv[:, :h] = self.q_norm(qkv[:, :h])
             qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
@@ -69,7 +71,7 @@ class Attention(nn.Module):
         store_kv(kv_cache, qkv[:, h:], meta.slot_mapping)
         out = paged_attention(qkv[:, :h], kv_cache, meta, self.scale,  # [T, H, D]
                               self.sinks, self.window, self.batch_invariant)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1), meta.lora)
 
 
 class MLP(nn.Module):
@@ -80,9 +82,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(silu(gate, self.batch_invariant) * up)
+    def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(silu(gate, self.batch_invariant) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -98,7 +100,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -109,7 +111,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.norm_class)
             for i in range(cfg.num_layers))

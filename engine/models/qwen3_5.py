@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.config import LinearAttentionSpec, LoraTarget, ModelConfig
+from engine.layers.embedding import Embedding
 from engine.layers.gated_attention import GatedAttention
 from engine.layers.linear import Linear
 from engine.layers.linear_attention import GatedDeltaNet
@@ -107,7 +108,7 @@ class DecoderLayer(nn.Module):
         mixed = self.input_layernorm(x)
         x = x + (self.linear_attn(mixed, cache, meta) if self.is_linear
                  else self.self_attn(mixed, rope, cache, meta))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
@@ -118,7 +119,7 @@ class Qwen3_5ForCausalLM(CausalLM):
     def __init__(self, cfg: Qwen3_5Config) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i))
                                     for i in range(cfg.num_layers))
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -23,6 +23,7 @@ from engine.layers.linear import Linear
 from engine.layers.moe import SparseMoE, expert_lora_targets, expert_param_slice, softmax_topk
 from engine.models.llama import MLP
 from engine.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForCausalLM
+from kernels.lora_mapping import LoraMapping
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,11 @@ class SharedExpertMoE(SparseMoE):
         self.shared_expert = MLP(cfg)
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> [T, H]."""
-        gate = sigmoid(self.shared_expert_gate(x), self.batch_invariant)    # [T, 1]
-        return super().forward(x) + gate * self.shared_expert(x)
+    def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H]. `lora` reaches the router and the shared expert (see
+        SparseMoE: adapted experts are served merged)."""
+        gate = sigmoid(self.shared_expert_gate(x, lora), self.batch_invariant)  # [T, 1]
+        return super().forward(x, lora) + gate * self.shared_expert(x, lora)
 
 
 class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):

@@ -1,4 +1,5 @@
-"""Scheduler: continuous batching, chunked prefill, preemption, one checkpoint per step."""
+"""Scheduler: continuous batching, chunked prefill, preemption, checkpoints sharing steps
+up to max_loras (in turns beyond), and one per step for those that cannot mix."""
 
 from __future__ import annotations
 
@@ -76,9 +77,13 @@ def test_full_cache_preempts_the_youngest_and_loses_nothing():
     assert bm.num_free_blocks == 4
 
 
-def test_each_step_serves_one_checkpoint_and_others_take_turns_oldest_first():
+def never_mixes(checkpoint) -> bool:
+    return False
+
+
+def test_checkpoints_that_cannot_mix_get_a_step_each_and_take_turns_oldest_first():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
-                      max_steps_per_checkpoint=3)
+                      max_steps_per_checkpoint=3, mixable=never_mixes)
     a, b = Path("/ckpt/a"), Path("/ckpt/b")
     seqs = [make_seq(3, a), make_seq(3, b), make_seq(3, None)]
     for s in seqs:
@@ -86,15 +91,16 @@ def test_each_step_serves_one_checkpoint_and_others_take_turns_oldest_first():
     served = []
     for _ in range(18):  # the scheduler starts on the base model, which has work
         batch = sched.schedule()
-        assert len({s.checkpoint for s in batch.seqs}) == 1
-        served.append(batch.checkpoint)
+        assert len(batch.checkpoints) == 1
+        served.append(batch.checkpoints[0])
         complete_step(sched, batch)
     assert served == ([None] * 3 + [a] * 3 + [b] * 3) * 2
 
 
 def test_waiting_work_of_a_checkpoint_preempts_paused_sequences_when_nothing_else_runs():
     bm = BlockManager(num_blocks=4, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, max_steps_per_checkpoint=1)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, max_steps_per_checkpoint=1,
+                      mixable=never_mixes)
     paused = make_seq(15, Path("/ckpt/a"))
     sched.add(paused)
     complete_step(sched, sched.schedule())        # holds all 4 blocks
@@ -103,6 +109,52 @@ def test_waiting_work_of_a_checkpoint_preempts_paused_sequences_when_nothing_els
     batch = sched.schedule()                      # switches to b; a must give way
     assert batch.seqs == [newcomer]
     assert paused.status is SequenceStatus.WAITING
+
+
+def test_sequences_of_several_checkpoints_and_the_base_share_a_step():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      max_loras=2)
+    a, b = Path("/ckpt/a"), Path("/ckpt/b")
+    seqs = [make_seq(3, a), make_seq(3, None), make_seq(3, b), make_seq(3, a)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.seqs == seqs                       # the base takes no adapter slot
+    assert batch.checkpoints == [a, None, b]
+
+
+def test_beyond_max_loras_checkpoints_take_turns_and_none_starves():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=100,
+                      max_loras=2, max_steps_per_checkpoint=2)
+    ckpts = [Path(f"/ckpt/{name}") for name in "abcde"]
+    for c in ckpts:
+        for _ in range(2):
+            sched.add(make_seq(3, c))
+    served = []
+    for _ in range(10):
+        batch = sched.schedule()
+        assert len(batch.checkpoints) <= 2
+        served.append(set(batch.checkpoints))
+        complete_step(sched, batch)
+    assert served[:2] == [{ckpts[0], ckpts[1]}] * 2     # the oldest first, for a turn of 2 steps
+    assert served[2:4] == [{ckpts[2], ckpts[3]}] * 2    # then those never served
+    assert served[4] == {ckpts[4], ckpts[0]}             # e, then the least recently served
+    assert set().union(*served[:6]) == set(ckpts)
+
+
+def test_a_checkpoint_that_cannot_mix_is_served_alone_in_its_turn():
+    experts = Path("/ckpt/experts")
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      max_steps_per_checkpoint=2, mixable=lambda c: c != experts)
+    a = Path("/ckpt/a")
+    for c in (a, experts, None):
+        sched.add(make_seq(3, c))
+    served = []
+    for _ in range(6):
+        batch = sched.schedule()
+        served.append(batch.checkpoints)
+        complete_step(sched, batch)
+    assert served == [[a, None]] * 2 + [[experts]] * 2 + [[a, None]] * 2
 
 
 def test_finish_frees_blocks_at_once():
@@ -139,7 +191,7 @@ def test_update_ends_sequences_on_eos_a_stop_token_or_the_length_limit():
 def _batch_of(batch, seqs):
     """The part of `batch` that is `seqs` (to give them other tokens than the rest)."""
     counts = [batch.num_new_tokens[batch.seqs.index(s)] for s in seqs]
-    return type(batch)(batch.checkpoint, seqs, counts)
+    return type(batch)(seqs, counts)
 
 
 def make_samples(n: int, n_prompt: int) -> list[Sequence]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import SequenceStatus
 from engine.state_slots import StateSlotAllocator
-from tests.engine.test_scheduler import complete_step, make_samples, make_seq
+from tests.engine.test_scheduler import complete_step, make_samples, make_seq, never_mixes
 
 
 def test_slots_are_distinct_until_exhausted_and_reused_once_freed():
@@ -81,9 +82,10 @@ def test_preemption_returns_the_slot_and_readmission_takes_one_again():
 
 
 def test_paused_sequences_of_another_checkpoint_give_up_their_slots_when_nothing_runs():
+    # Checkpoints that never mix: each step serves one, in turns.
     slots = StateSlotAllocator(1)
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
-                      max_steps_per_checkpoint=1, state_slots=slots)
+                      max_steps_per_checkpoint=1, state_slots=slots, mixable=never_mixes)
     paused = make_seq(15, Path("/ckpt/a"))
     sched.add(paused)
     complete_step(sched, sched.schedule())               # holds the only slot
@@ -92,6 +94,22 @@ def test_paused_sequences_of_another_checkpoint_give_up_their_slots_when_nothing
     batch = sched.schedule()                             # switches to b: a must give way
     assert batch.seqs == [newcomer] and newcomer.state_slot == 0
     assert paused.status is SequenceStatus.WAITING and paused.state_slot is None
+
+
+def test_a_newcomer_of_another_checkpoint_waits_for_a_slot_beside_a_mixed_step_then_takes_it():
+    slots = StateSlotAllocator(1)
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      max_steps_per_checkpoint=1, state_slots=slots)
+    running = make_seq(15, Path("/ckpt/a"))
+    running.params = SamplingParams(max_tokens=2)
+    sched.add(running)
+    complete_step(sched, sched.schedule())               # holds the only slot
+    newcomer = make_seq(6, Path("/ckpt/b"))
+    sched.add(newcomer)
+    batch = sched.schedule()                             # b may mix in, but has no slot
+    assert batch.seqs == [running] and newcomer.state_slot is None
+    complete_step(sched, batch)                          # a's last token frees its slot
+    assert sched.schedule().seqs == [newcomer] and newcomer.state_slot == 0
 
 
 def test_forked_samples_get_slots_of_their_own_and_a_copy_of_the_leaders_state():

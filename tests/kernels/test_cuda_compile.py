@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kernels_and_signatures() -> list:
-    from kernels import invariant_attention, invariant_matmul, logprobs, penalties, sampling
+    from kernels import invariant_attention, invariant_matmul, logprobs, lora, penalties, sampling
 
     sample_sig = {"logits_ptr": "*fp32", "stride": "i32", "temp_ptr": "*fp32",
                   "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
@@ -35,7 +35,7 @@ def _kernels_and_signatures() -> list:
                   "stride_om": "i32"}
     matmul_tiles = {"BLOCK_M": invariant_matmul.BLOCK_M, "BLOCK_N": invariant_matmul.BLOCK_N,
                     "BLOCK_K": invariant_matmul.BLOCK_K}
-    fp32 = {name: "*fp32" for name in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")}
+    matmul_fp32 = {name: "*fp32" for name in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")}
     attention_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i32", "ctx_ptr": "*i32",
                      "sinks_ptr": "*bf16", "out_ptr": "*bf16", "num_queries": "i32",
                      "table_width": "i32", "window": "i32", "scale": "fp32",
@@ -45,6 +45,15 @@ def _kernels_and_signatures() -> list:
                         "HAS_SINKS": True, "HAS_WINDOW": True, "FLOAT32": False,
                         "QUERY_TILE": invariant_attention.QUERY_TILE,
                         "KEY_BLOCK": invariant_attention.KEY_BLOCK, "BLOCK_M": 32}
+    mapping = {"rows_ptr": "*i64", "lens_ptr": "*i32", "slots_ptr": "*i64", "M": "i32"}
+    strides = lambda *names: {f"stride_{n}": "i32" for n in names}  # noqa: E731
+    shrink_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "t_ptr": "*bf16", **mapping, "K": "i32",
+                  "W": "i32", **strides("xt", "as", "ak", "aw", "tg", "tm")}
+    expand_sig = {"t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **mapping,
+                  "starts_ptr": "*i64", "sizes_ptr": "*i64", "R": "i32", "tiles_per_slice": "i32",
+                  **strides("tg", "tm", "bs", "bn", "br", "yt")}
+    lora_fp32 = {"x_ptr": "*fp32", "a_ptr": "*fp32", "t_ptr": "*fp32"}
+    lora_blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_K": lora.BLOCK_K}
     pivots = {"NUM_PIVOTS": sampling.NUM_PIVOTS, "BLOCK": sampling.BLOCK}
     bf16 = {"logits_ptr": "*bf16"}                                   # the sampler reads bf16 too
     return [
@@ -59,12 +68,17 @@ def _kernels_and_signatures() -> list:
         (penalties._bias_kernel, bias_sig, {"BLOCK": penalties.BLOCK}),
         (invariant_matmul._matmul_kernel, matmul_sig,
          {"HAS_BIAS": True, "FLOAT32": False, **matmul_tiles}),
-        (invariant_matmul._matmul_kernel, {**matmul_sig, **fp32},
+        (invariant_matmul._matmul_kernel, {**matmul_sig, **matmul_fp32},
          {"HAS_BIAS": False, "FLOAT32": True, **matmul_tiles}),
         (invariant_attention._attention_kernel, attention_sig, attention_consts),
         (invariant_attention._attention_kernel,
          {**attention_sig, "q_ptr": "*fp32", "cache_ptr": "*fp32", "out_ptr": "*fp32"},
          {**attention_consts, "FLOAT32": True, "HAS_SINKS": False, "HAS_WINDOW": False}),
+        (lora._shrink_kernel, shrink_sig, lora_blocks),
+        (lora._shrink_kernel, {**shrink_sig, **lora_fp32}, lora_blocks),
+        (lora._expand_kernel, expand_sig, lora_blocks),
+        (lora._expand_kernel, {**expand_sig, "t_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
+         lora_blocks),
     ]
 
 

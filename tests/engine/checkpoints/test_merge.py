@@ -160,3 +160,13 @@ def test_bfloat16_weights_get_the_float32_merge_cast_once(tiny_model_dirs, tmp_p
     head = modules["lm_head"]
     expected_head = (base["lm_head"].float() + head.scale * (head.lora_b @ head.lora_a)).to(torch.bfloat16)
     assert torch.equal(model.lm_head.weight, expected_head)
+
+
+def test_cache_evicts_the_least_recently_used_adapter_beyond_its_count():
+    cache = AdapterCache(max_bytes=10_000, max_count=2)   # vLLM's max_cpu_loras
+    for key in "abc":
+        cache.put(key, FakeAdapter(10))
+        cache.get("a")                                     # a stays the most recent
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    assert len(cache) == 2 and cache.nbytes == 20

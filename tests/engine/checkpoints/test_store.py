@@ -144,6 +144,16 @@ def test_a_checkpoint_whose_shapes_do_not_fit_the_base_model_is_refused(store, r
         store.resolve("tinker://run/sampler_weights/000050")
 
 
+def test_a_rank_above_max_lora_rank_is_refused_naming_the_rank(root, place, tiny_model_dirs):
+    place(f"{RUN}/sampler_weights/000060")                # the template is rank 8
+    cfg = load_model_config(tiny_model_dirs[BASE])
+    name = f"tinker://{RUN}/sampler_weights/000060"
+    assert CheckpointStore(root, BASE, cfg, max_lora_rank=8).resolve(name).rank == 8
+    with pytest.raises(CheckpointInvalid, match=r"_proj: LoRA rank 8 is above the largest rank "
+                       r"this server holds, 4 \(serve it with --max-lora-rank 8 or more\)"):
+        CheckpointStore(root, BASE, cfg, max_lora_rank=4).resolve(name)
+
+
 def test_listing_shows_complete_checkpoints_for_this_base_model(store, place):
     place(f"{RUN}/sampler_weights/000010")
     place(f"{RUN}/weights/000010")
