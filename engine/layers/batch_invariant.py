@@ -32,9 +32,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# Rows per product tile: on the CPU a tile of 8 rows costs about as much per row as a
-# 512-row product, and a lone row (a batch-1 decode) only 1.4-2x of what it costs alone
-# (BENCHMARKS.md).
+# Rows per product tile. Larger tiles make a step of many rows cheaper (fewer products,
+# each reading the whole weight) and a batch-1 decode dearer (it computes a whole tile):
+# 8 keeps batch 1 within 1.4x of the default mode (BENCHMARKS.md: 16 and 32 measured).
 ROW_TILE = 8
 
 
