@@ -1,12 +1,13 @@
 """Where a mixed decode step's time goes: the LoRA products against the base model's work.
 
 `--requests` concurrent requests (a 32-token prompt, `--max-tokens` new tokens, EOS
-ignored) through an in-process engine over the default model, request i for checkpoint
-i mod k, for each k of `--counts`; k = 1 runs merged, larger k unmerged with the
-adapters in slots. Adapters are bench_checkpoints' (rank 32 on every attention and MLP
-projection). For the decode steps (one token per sequence), prints the mean time of the
-model's forward pass and, within it, the time in the LoRA products (`LoraSlots.add`:
-the shrink, the expand and the glue around them); the rest is the base model's work.
+ignored) through an in-process engine over the default model (its loop on the main
+thread), request i for checkpoint i mod k, for each k of `--counts`; k = 1 runs merged,
+larger k unmerged with the adapters in slots. Adapters are bench_checkpoints' (rank 32
+on every attention and MLP projection). For the decode steps (one token per sequence),
+prints the mean time of the model's forward pass and, within it, the time in the LoRA
+products (`LoraSlots.add`: the shrink, the expand and the glue around them); the rest is
+the base model's work.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_lora_step.py [--dtype bfloat16]
         [--counts 1 4 16] [--requests 16] [--max-tokens 48]
@@ -29,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from bench_engine import with_loop_on_main_thread  # noqa: E402
 from bench_evals import machine, make_checkpoints  # noqa: E402
 
 from engine import Engine, SamplingParams  # noqa: E402
@@ -89,6 +91,20 @@ def run(engine: Engine, names: list[str], args) -> None:
         assert outputs[-1].finish_reason == "length", outputs[-1].error
 
 
+def measure(engine: Engine, names: list[str], records: list[dict[str, float]],
+            args) -> dict[int, dict[str, float]]:
+    """Mean ms per decode forward pass, by label, for each count of checkpoints."""
+    run(engine, names, argparse.Namespace(**{**vars(args), "requests": len(names),
+                                             "max_tokens": 2}))   # warm-up
+    results = {}
+    for k in tqdm(args.counts, desc="checkpoints"):
+        records.clear()
+        run(engine, names[:k], args)
+        results[k] = {label: 1000 * statistics.mean(r.get(label, 0.0) for r in records)
+                      for label in ("forward", "lora", "shrink", "expand")}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -106,21 +122,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = make_checkpoints(model_dir, root, max(args.counts), args.rank)
-        engine = Engine(model_dir, core="thread", dtype=getattr(torch, args.dtype),
+        # The loop on this main thread, as the server's core runs it (in a background
+        # thread the small products are several times slower: BENCHMARKS.md).
+        engine = Engine(model_dir, core="inline", dtype=getattr(torch, args.dtype),
                         checkpoint_root=str(root), max_loras=max(args.counts),
                         enable_prefix_caching=False, progress=False)
-        try:
-            records = time_decode_forwards(engine.core.runner.model, timers)
-            run(engine, names, argparse.Namespace(**{**vars(args), "requests": len(names),
-                                                     "max_tokens": 2}))   # warm-up
-            results = {}
-            for k in tqdm(args.counts, desc="checkpoints"):
-                records.clear()
-                run(engine, names[:k], args)
-                results[k] = {label: 1000 * statistics.mean(r.get(label, 0.0) for r in records)
-                              for label in ("forward", "lora", "shrink", "expand")}
-        finally:
-            engine.shutdown()
+        records = time_decode_forwards(engine.core.runner.model, timers)
+        results = with_loop_on_main_thread(engine, lambda: measure(engine, names, records, args))
     print(f"decode steps of {args.requests} sequences, mean ms per forward pass:")
     print(f"  {'checkpoints':>11s} {'forward':>8s} {'LoRA':>7s} {'shrink':>7s} {'expand':>7s} "
           f"{'base':>7s} {'vs 1':>6s}")
