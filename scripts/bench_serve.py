@@ -91,6 +91,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bench_offline(args) -> tuple[float, list[tuple[list[int], int]]]:
+    """The requests, and their useful tokens/s through an inline engine whose loop runs on
+    this main thread, as the server's does (the engine is shut down after)."""
+    engine = Engine(args.model_dir, core="inline", device=args.device,
+                    dtype=getattr(torch, args.dtype), progress=False)
+    cfg = engine.model_config
+    reqs = make_requests(args.num_prompts, cfg.vocab_size, cfg.max_position_embeddings)
+
+    def clients() -> float:
+        bench_engine(engine, reqs[:4])   # warm-up
+        return bench_engine(engine, reqs)
+
+    return with_loop_on_main_thread(engine, clients), reqs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=32)
@@ -104,16 +119,7 @@ def main() -> None:
                    else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"machine: {device_name}; {args.device} {args.dtype}; model {args.model_dir.name}")
 
-    engine = Engine(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
-                    progress=False, start=False)
-    reqs = make_requests(args.num_prompts, engine.model_config.vocab_size)
-
-    def offline_clients() -> float:
-        bench_engine(engine, reqs[:4])   # warm-up
-        return bench_engine(engine, reqs)
-
-    offline = with_loop_on_main_thread(engine, offline_clients)   # as the server runs it
-    del engine
+    offline, reqs = bench_offline(args)
 
     port = free_port()
     server = start_server(args, port)
