@@ -81,6 +81,9 @@ def test_the_lora_flags_of_serve_reach_the_engine_config():
         build_parser().parse_args(["serve", "--max-loras", "0"])
 
 
-def test_serve_refuses_flags_that_cannot_go_together_before_loading_a_model(capsys):
+def test_serve_refuses_flags_that_cannot_go_together_before_loading_a_model(capsys,
+                                                                           monkeypatch):
+    # Were the flags let through, the test fails at once rather than serving forever.
+    monkeypatch.setattr("api.server.serve", lambda *args: pytest.fail("serve started"))
     assert main(["serve", "--batch-invariant", "--lora-mode", "unmerged"]) == 2
     assert "cannot go with lora_mode 'unmerged'" in capsys.readouterr().err
