@@ -6,11 +6,15 @@ another way than a product of many rows, and a decode's attention goes through a
 path than the same position's in a prefill. In this mode every per-token computation is
 done in a way that does not look at the batch:
 
-- projections (every `Linear`, the experts of a MoE layer) multiply fixed tiles of
-  `ROW_TILE` rows, the last one padded with zeros (`tiled_rows`), so the kernel sees one
-  shape whatever the number of tokens; a row's output does not depend on the other rows
-  of its tile (the product is row by row). On CUDA they go through a Triton matmul with
-  fixed tiles instead (`cuda_matmul`);
+- projections (every `Linear`, the experts of a MoE layer) on the CPU: oneDNN's product
+  gives a row the same bits in a call of any number of rows from two on (measured for
+  every count up to 2,048 on the default model's shapes; one row goes through a
+  matrix-vector path), so a product runs in one call, a one-row call padded to
+  `MIN_ROWS` (`padded_rows`). That is the library's behaviour, not a promise, so `enable`
+  probes each product shape first (`row_invariant`); a shape whose rows change with
+  their company runs in fixed tiles of `ROW_TILE` rows instead (`tiled_rows`: the kernel
+  sees one shape whatever the number of tokens, at the cost of reading the weight once a
+  tile). On CUDA they go through a Triton matmul with fixed tiles (`cuda_matmul`);
 - attention goes query tile by query tile over fixed-size key blocks, in a fixed order,
   in float32, the same for a prefill and a decode and any cache block size
   (kernels/invariant_attention_ref.py; on CUDA its Triton twin, kernels/invariant_attention.py);
@@ -21,7 +25,8 @@ done in a way that does not look at the batch:
   row by row already.
 
 The mode is read once, at model build: `engine.models.loader.load_model` calls `enable`,
-which switches every layer that has it (its class says `batch_invariant = False`).
+which switches every layer that has it (its class says `batch_invariant = False`) and
+picks one call or tiles for each layer with products (its class says `tiled = True`).
 What it costs is in BENCHMARKS.md.
 """
 
@@ -32,10 +37,31 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# Rows per product tile. Larger tiles make a step of many rows cheaper (fewer products,
-# each reading the whole weight) and a batch-1 decode dearer (it computes a whole tile):
-# 8 keeps batch 1 within 1.4x of the default mode (BENCHMARKS.md: 16 and 32 measured).
+Product = Callable[[torch.Tensor], torch.Tensor]     # rows [n, in] -> [n, out], row by row
+
+# The fewest rows a product is called on: oneDNN runs a one-row product another way.
+MIN_ROWS = 2
+# The row counts `row_invariant` tries: around each power of two (where a library's
+# blocking changes), to a decode batch's usual size.
+PROBE_ROWS = (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
+# Rows per product tile where the probe fails. Larger tiles make a step of many rows
+# cheaper (fewer products, each reading the whole weight) and a batch-1 decode dearer (it
+# computes a whole tile): 8 kept batch 1 within 1.4x of the default mode (BENCHMARKS.md).
 ROW_TILE = 8
+
+
+def invariant_rows(fn: Product, x: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """fn over x [n, ...] the mode's way: in fixed tiles, or in one call of at least
+    MIN_ROWS rows where fn was probed row-invariant (`tiled` False)."""
+    return tiled_rows(fn, x) if tiled else padded_rows(fn, x)
+
+
+def padded_rows(fn: Product, x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
+    """fn over x [n, ...] in one call of at least `rows` rows (padded with zeros)."""
+    n = x.shape[0]
+    if n == 0 or n >= rows:
+        return fn(x)
+    return fn(torch.cat((x, x.new_zeros(rows - n, *x.shape[1:]))))[:n]
 
 
 def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -61,8 +87,33 @@ def cuda_matmul(x: torch.Tensor, weight: torch.Tensor,
     return matmul(x, weight, bias)
 
 
+def row_invariant(product: Product, weight: torch.Tensor) -> bool:
+    """Whether `product` (by `weight` [out, in]) gives each row the same bits in calls of
+    every probed number of rows as in a larger call, its rows first or last in turn."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(max(PROBE_ROWS) + 7, weight.shape[-1], generator=gen).to(weight)
+    with torch.inference_mode():
+        whole = product(x)
+        parts = [slice(-n, None) if i % 2 else slice(n) for i, n in enumerate(PROBE_ROWS)]
+        return all(torch.equal(product(x[rows]), whole[rows]) for rows in parts)
+
+
 def enable(model: nn.Module) -> None:
-    """Put every layer of `model` that has the mode in it (at build, before serving)."""
+    """Put every layer of `model` that has the mode in it (at build, before serving),
+    probing each shape of CPU product once."""
+    probed: dict[tuple, bool] = {}
     for module in model.modules():
         if hasattr(type(module), "batch_invariant"):
             module.batch_invariant = True
+        if hasattr(type(module), "tiled"):
+            module.tiled = not all(_probe(product, weight, probed)
+                                   for product, weight in module.products())
+
+
+def _probe(product: Product, weight: torch.Tensor, probed: dict[tuple, bool]) -> bool:
+    if weight.is_cuda:         # cuda_matmul's tiles are fixed by construction
+        return True
+    key = (tuple(weight.shape), weight.dtype)
+    if key not in probed:
+        probed[key] = row_invariant(product, weight)
+    return probed[key]

@@ -16,9 +16,10 @@ In a step that mixes checkpoints the layer adds each row's own adapter to the ba
 product (`lora`, the step's rows by adapter slot; the factors are `lora_slots`, see
 engine.layers.lora). In every other step the weight already holds what is served.
 
-In the batch-invariant mode (engine.layers.batch_invariant) the product runs over fixed
-tiles of rows, so that its kernel never sees a batch-dependent shape; that mode serves
-checkpoints merged (engine.config), so no step of it mixes.
+In the batch-invariant mode (engine.layers.batch_invariant) the product runs on at least
+two rows, or over fixed tiles of rows where oneDNN's product of this shape was not
+row-invariant at `enable`; that mode serves checkpoints merged (engine.config), so no
+step of it mixes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.batch_invariant import cuda_matmul, tiled_rows
+from engine.layers.batch_invariant import Product, cuda_matmul, invariant_rows
 from engine.layers.lora import LoraSlots
 from kernels.lora_mapping import LoraMapping
 
@@ -71,6 +72,7 @@ class Linear(nn.Linear):
     _packed: PackedWeight | None = None     # made at the first product on oneDNN
     lora_slots: LoraSlots | None = None     # made when an adapter in a slot adapts this layer
     batch_invariant = False                 # set by engine.layers.batch_invariant.enable
+    tiled = True                            # the mode's CPU products in tiles (ditto)
 
     def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
         """x: [T, in] -> [T, out]; `lora`: the step's rows by adapter slot, if it mixes."""
@@ -84,7 +86,11 @@ class Linear(nn.Linear):
             return self._product(x)
         if x.is_cuda:
             return cuda_matmul(x, self.weight, self.bias)
-        return tiled_rows(self._product, x)
+        return invariant_rows(self._product, x, self.tiled)
+
+    def products(self) -> list[tuple[Product, torch.Tensor]]:
+        """The layer's product and its weight, for the mode's probe."""
+        return [(self._product, self.weight)]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if uses_onednn(x):

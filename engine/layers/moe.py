@@ -36,7 +36,7 @@ from torch import nn
 
 from engine.config import LoraTarget
 from engine.layers.activation import silu
-from engine.layers.batch_invariant import cuda_matmul, tiled_rows
+from engine.layers.batch_invariant import Product, cuda_matmul, invariant_rows
 from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
 from kernels.lora_mapping import LoraMapping
 
@@ -96,11 +96,13 @@ def expert_lora_targets(hidden_size: int, intermediate_size: int,
 class FusedExperts(nn.Module):
     """E gated MLPs of width I over hidden size H, their weights fused per projection.
 
-    In the batch-invariant mode (engine.layers.batch_invariant) each expert runs over
-    fixed tiles of its tokens on the CPU (how many tokens an expert gets depends on the
-    batch), and through the fixed-tile Triton matmul on CUDA."""
+    In the batch-invariant mode (engine.layers.batch_invariant) each expert runs on the
+    CPU over at least two of its tokens, or over fixed tiles of them where the probe at
+    `enable` found the experts' products not row-invariant (how many tokens an expert gets
+    depends on the batch), and through the fixed-tile Triton matmul on CUDA."""
 
     batch_invariant = False     # set by engine.layers.batch_invariant.enable
+    tiled = True                # the mode's CPU products in tiles (ditto)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: Activation = silu_and_mul, bias: bool = False) -> None:
@@ -129,8 +131,10 @@ class FusedExperts(nn.Module):
             if count:
                 rows = slice(start, start + count)
                 run = partial(self.expert_forward, expert)
-                tiled = self.batch_invariant and not x.is_cuda   # (CUDA: cuda_matmul)
-                out[rows] = tiled_rows(run, grouped[rows]) if tiled else run(grouped[rows])
+                if self.batch_invariant and not x.is_cuda:   # (CUDA: cuda_matmul)
+                    out[rows] = invariant_rows(run, grouped[rows], self.tiled)
+                else:
+                    out[rows] = run(grouped[rows])
                 start += count
         # Back to (token, choice) order, then each token's weighted sum over its k choices.
         # A sum in a fixed order rather than index_add_: atomics on CUDA would make the
@@ -144,6 +148,12 @@ class FusedExperts(nn.Module):
         gate_up = self._product(x, "gate_up_proj", expert)                  # [n, 2I]
         hidden = self.activation(gate_up, self.batch_invariant)             # [n, I]
         return self._product(hidden, "down_proj", expert)                   # [n, H]
+
+    def products(self) -> list[tuple[Product, torch.Tensor]]:
+        """Expert 0's two products and their weights, for the mode's probe (every expert
+        has the same shapes)."""
+        return [(partial(self._product, name=name, expert=0), getattr(self, name)[0])
+                for name in ("gate_up_proj", "down_proj")]
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through

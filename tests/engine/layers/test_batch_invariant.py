@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers import activation
-from engine.layers.batch_invariant import ROW_TILE, enable, tiled_rows
+from engine.layers.batch_invariant import (
+    MIN_ROWS,
+    PROBE_ROWS,
+    ROW_TILE,
+    enable,
+    padded_rows,
+    row_invariant,
+    tiled_rows,
+)
 from engine.layers.linear import Linear
 from engine.layers.linear_attention import LinearAttentionState
 from engine.layers.moe import SparseMoE, softmax_topk
@@ -41,15 +49,63 @@ def test_tiled_rows_calls_fn_on_whole_tiles_and_returns_the_rows_asked_for(n):
     assert all(shape == (ROW_TILE, 3) for shape in shapes) if n else shapes == [(0, 3)]
 
 
+@pytest.mark.parametrize("n", [0, 1, MIN_ROWS, 37])
+def test_padded_rows_calls_fn_once_on_at_least_min_rows(n):
+    shapes = []
+
+    def double(t):
+        shapes.append(tuple(t.shape))
+        return 2 * t
+
+    x = torch.randn(n, 3)
+    assert torch.equal(padded_rows(double, x), 2 * x)
+    assert shapes == [(max(n, MIN_ROWS) if n else 0, 3)]
+
+
+def test_the_probe_passes_a_row_by_row_product():
+    weight = torch.randn(4, 6)
+    assert row_invariant(lambda x: x @ weight.T, weight)
+
+
+@pytest.mark.parametrize("odd_call", [
+    lambda x: x * (1.0 + 1e-6 * (x.shape[0] == PROBE_ROWS[-3])),        # one call size
+    lambda x: x + 1e-6 * torch.arange(x.shape[0])[:, None],               # place in the call
+])
+def test_the_probe_fails_a_product_whose_rows_depend_on_their_call(odd_call):
+    weight = torch.randn(6, 6)
+    assert not row_invariant(lambda x: odd_call(x @ weight.T), weight)
+
+
+class _Probed(torch.nn.Module):
+    tiled = True
+
+    def __init__(self, product, out_features):
+        super().__init__()
+        self.weight = torch.randn(out_features, 3)      # each shape is probed once
+        self.product = product
+
+    def products(self):
+        return [(self.product, self.weight)]
+
+
+def test_enable_keeps_tiles_only_for_products_that_fail_the_probe():
+    row_by_row = _Probed(lambda x: x @ torch.ones(3, 5), 5)
+    mixes_rows = _Probed(lambda x: (x + x.sum(0, keepdim=True)) @ torch.ones(3, 4), 4)
+    enable(torch.nn.ModuleList([row_by_row, mixes_rows]))
+    assert not row_by_row.tiled and mixes_rows.tiled
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiles", "one call"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_linear_row_has_the_same_bits_alone_and_among_36_others(dtype):
+def test_a_linear_row_has_the_same_bits_alone_and_among_36_others(dtype, tiled):
     """K = 1536: the width at which oneDNN's one-row product takes another path than a
-    product of many rows (BENCHMARKS.md), which the row tiles hide from it."""
+    product of many rows (BENCHMARKS.md), which the row tiles and the padding to
+    MIN_ROWS rows each hide from it."""
     torch.manual_seed(0)
     linear = Linear(1536, 576, bias=True).to(dtype)
     with torch.no_grad():
         linear.weight.normal_(0.0, 0.05)
-    linear.batch_invariant = True
+    linear.batch_invariant, linear.tiled = True, tiled
     rows = torch.randn(37, 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
     alone, together = alone_and_together(linear, rows)
     assert torch.equal(alone, together)
@@ -76,9 +132,10 @@ ROUTERS = {"qwen3-moe": partial(softmax_topk, top_k=2, renormalize=True),
            "gpt-oss": partial(topk_softmax, top_k=2)}
 
 
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiles", "one call"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_moe_token_has_the_same_bits_alone_and_among_36_others(router, dtype):
+def test_a_moe_token_has_the_same_bits_alone_and_among_36_others(router, dtype, tiled):
     """Among others an expert gets more tokens (its products other shapes), and a
     token's k outputs are mixed in a batch of 37."""
     torch.manual_seed(0)
@@ -89,6 +146,7 @@ def test_a_moe_token_has_the_same_bits_alone_and_among_36_others(router, dtype):
             p.normal_(0.0, 0.05)
     moe = moe.to(dtype)
     enable(moe)
+    moe.gate.tiled = moe.experts.tiled = tiled
     rows = torch.randn(37, 576, generator=torch.Generator().manual_seed(3)).to(dtype)
     alone, together = alone_and_together(moe, rows)
     assert torch.equal(alone, together)
