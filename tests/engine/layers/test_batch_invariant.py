@@ -36,8 +36,8 @@ def alone_and_together(fn, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         return torch.cat([fn(row[None]) for row in rows]), fn(rows)
 
 
-@pytest.mark.parametrize("n", [0, 1, ROW_TILE - 1, ROW_TILE, 3 * ROW_TILE + 5])
-def test_tiled_rows_calls_fn_on_whole_tiles_and_returns_the_rows_asked_for(n):
+def doubled_in_calls(runner, n: int) -> list[tuple[int, ...]]:
+    """The shapes `runner` calls fn on to double x [n, 3], after checking the result."""
     shapes = []
 
     def double(t):
@@ -45,21 +45,19 @@ def test_tiled_rows_calls_fn_on_whole_tiles_and_returns_the_rows_asked_for(n):
         return 2 * t
 
     x = torch.randn(n, 3)
-    assert torch.equal(tiled_rows(double, x), 2 * x)
+    assert torch.equal(runner(double, x), 2 * x)
+    return shapes
+
+
+@pytest.mark.parametrize("n", [0, 1, ROW_TILE - 1, ROW_TILE, 3 * ROW_TILE + 5])
+def test_tiled_rows_calls_fn_on_whole_tiles_and_returns_the_rows_asked_for(n):
+    shapes = doubled_in_calls(tiled_rows, n)
     assert all(shape == (ROW_TILE, 3) for shape in shapes) if n else shapes == [(0, 3)]
 
 
 @pytest.mark.parametrize("n", [0, 1, MIN_ROWS, 37])
 def test_padded_rows_calls_fn_once_on_at_least_min_rows(n):
-    shapes = []
-
-    def double(t):
-        shapes.append(tuple(t.shape))
-        return 2 * t
-
-    x = torch.randn(n, 3)
-    assert torch.equal(padded_rows(double, x), 2 * x)
-    assert shapes == [(max(n, MIN_ROWS) if n else 0, 3)]
+    assert doubled_in_calls(padded_rows, n) == [(max(n, MIN_ROWS) if n else 0, 3)]
 
 
 def test_the_probe_passes_a_row_by_row_product():
