@@ -20,7 +20,6 @@ from tests.engine.checkpoints.helpers import (
     to_training_service_layout,
 )
 
-FAMILY = "llama3-rope-scaling"   # tied embeddings: head and embedding adapters share a weight
 RUN = "mix:train:0"
 PROMPTS = [[5, 17, 42, 99, 7, 23, 61, 130, 8, 77], [200, 3, 54, 9], [11, 12, 13, 14, 15, 16]]
 TOLERANCE = 1e-4
@@ -29,11 +28,6 @@ NUM_TOKENS = 12
 
 def name(step: str) -> str:
     return f"tinker://{RUN}/sampler_weights/{step}"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dirs) -> Path:
-    return tiny_model_dirs[FAMILY]
 
 
 @pytest.fixture(scope="module")

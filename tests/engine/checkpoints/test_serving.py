@@ -31,7 +31,6 @@ from tests.engine.checkpoints.helpers import (
     save_peft_adapter,
 )
 
-FAMILY = "llama3-rope-scaling"   # tied embeddings: head and embedding adapters untie them
 RUN = "0034d8c9-0a88-52a9-b2b7-bce7cb1e6fef:train:0"
 PROMPTS = [[5, 17, 42, 99, 7, 23, 61, 130, 8, 77], [200, 3, 54, 9]]
 TOLERANCE = 1e-4
@@ -55,11 +54,6 @@ def assert_matches(sequence, expected: tuple[list[int], list[float]]) -> None:
     assert sequence.tokens == tokens
     torch.testing.assert_close(torch.tensor(sequence.logprobs), torch.tensor(logprobs),
                                atol=TOLERANCE, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dirs) -> Path:
-    return tiny_model_dirs[FAMILY]
 
 
 @pytest.fixture(scope="module")
