@@ -7,9 +7,9 @@ path than the same position's in a prefill. In this mode every per-token computa
 done in a way that does not look at the batch:
 
 - projections (every `Linear`, the experts of a MoE layer) on the CPU: oneDNN's product
-  gives a row the same bits in a call of any number of rows from two on (measured for
-  every count up to 2,048 on the default model's shapes; one row goes through a
-  matrix-vector path), so a product runs in one call, a one-row call padded to
+  gives a row the same bits in a call of any number of rows from two on (measured on the
+  default model's shapes for counts up to 2,048, BENCHMARKS.md; a one-row product may
+  take a matrix-vector path), so a product runs in one call, a one-row call padded to
   `MIN_ROWS` (`padded_rows`). That is the library's behaviour, not a promise, so `enable`
   probes each product shape first (`row_invariant`); a shape whose rows change with
   their company runs in fixed tiles of `ROW_TILE` rows instead (`tiled_rows`: the kernel
