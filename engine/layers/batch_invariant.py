@@ -64,8 +64,7 @@ def padded_rows(fn: Product, x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Ten
     return fn(torch.cat((x, x.new_zeros(rows - n, *x.shape[1:]))))[:n]
 
 
-def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               tile: int = ROW_TILE) -> torch.Tensor:
+def tiled_rows(fn: Product, x: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
     """fn over x [n, ...] in tiles of exactly `tile` rows (the last padded with zeros),
     the outputs' first n rows concatenated. `fn` must treat rows independently."""
     n = x.shape[0]
@@ -106,14 +105,15 @@ def enable(model: nn.Module) -> None:
         if hasattr(type(module), "batch_invariant"):
             module.batch_invariant = True
         if hasattr(type(module), "tiled"):
-            module.tiled = not all(_probe(product, weight, probed)
-                                   for product, weight in module.products())
+            module.tiled = not all(_probe(product, weight, has_bias, probed)
+                                   for product, weight, has_bias in module.products())
 
 
-def _probe(product: Product, weight: torch.Tensor, probed: dict[tuple, bool]) -> bool:
+def _probe(product: Product, weight: torch.Tensor, has_bias: bool,
+           probed: dict[tuple, bool]) -> bool:
     if weight.is_cuda:         # cuda_matmul's tiles are fixed by construction
         return True
-    key = (tuple(weight.shape), weight.dtype)
+    key = (tuple(weight.shape), weight.dtype, has_bias)
     if key not in probed:
         probed[key] = row_invariant(product, weight)
     return probed[key]

@@ -88,9 +88,9 @@ class Linear(nn.Linear):
             return cuda_matmul(x, self.weight, self.bias)
         return invariant_rows(self._product, x, self.tiled)
 
-    def products(self) -> list[tuple[Product, torch.Tensor]]:
-        """The layer's product and its weight, for the mode's probe."""
-        return [(self._product, self.weight)]
+    def products(self) -> list[tuple[Product, torch.Tensor, bool]]:
+        """The layer's product, its weight and whether it adds a bias, for the mode's probe."""
+        return [(self._product, self.weight, self.bias is not None)]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if uses_onednn(x):

@@ -149,10 +149,11 @@ class FusedExperts(nn.Module):
         hidden = self.activation(gate_up, self.batch_invariant)             # [n, I]
         return self._product(hidden, "down_proj", expert)                   # [n, H]
 
-    def products(self) -> list[tuple[Product, torch.Tensor]]:
-        """Expert 0's two products and their weights, for the mode's probe (every expert
-        has the same shapes)."""
-        return [(partial(self._product, name=name, expert=0), getattr(self, name)[0])
+    def products(self) -> list[tuple[Product, torch.Tensor, bool]]:
+        """Expert 0's two products, their weights and whether they add a bias, for the
+        mode's probe (every expert has the same shapes)."""
+        return [(partial(self._product, name=name, expert=0), getattr(self, name)[0],
+                 getattr(self, name + "_bias") is not None)
                 for name in ("gate_up_proj", "down_proj")]
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ class _Probed(torch.nn.Module):
         self.product = product
 
     def products(self):
-        return [(self.product, self.weight)]
+        return [(self.product, self.weight, False)]
 
 
 def test_enable_keeps_tiles_only_for_products_that_fail_the_probe():
