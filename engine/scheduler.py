@@ -16,15 +16,9 @@ fork from it when its prefill ends (its first token is sampled for each of them 
 the same logits, each with its own seed), and a waiting prompt whose next block
 another sequence is computing right now waits a step to take it from the prefix cache.
 
-Sequences of different checkpoints share a step: up to `max_loras` distinct adapters
-(vLLM's count: the base model takes no slot), each row adding its own adapter to the
-unmerged base weights; a step with one checkpoint runs it merged instead
-(engine.checkpoints.lora_serving). A checkpoint that cannot mix (`mixable` says no:
-MoE expert adapters, or a family or mode that only merges) is served alone. The step's
-set of checkpoints keeps those it serves while they have work and takes newcomers while
-it has room; when work waits outside it for `max_steps_per_checkpoint` steps, the turn
-ends and the least recently served checkpoints (oldest request first) come in, so none
-starves. With nothing that mixes, that is one checkpoint per step, in turns.
+Sequences of different checkpoints share a step, up to `max_loras` distinct adapters;
+which checkpoints a step may serve, and the turns among them when more wait, is
+engine.checkpoint_turns's rule.
 
 After each step, `update` advances the sequences: it is the only writer of their
 progress, and it ends those that a token ends (EOS, a stop token, the length limit).
@@ -38,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.block_manager import BlockManager
+from engine.checkpoint_turns import CheckpointTurns, always
 from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
 from engine.state_slots import StateSlotAllocator
@@ -77,32 +72,22 @@ class SequenceUpdate:
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
-def _always(checkpoint: Path | None) -> bool:
-    return True
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
-                 max_loras: int = 16, mixable: Callable[[Path | None], bool] = _always,
+                 max_loras: int = 16, mixable: Callable[[Path | None], bool] = always,
                  state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_steps_per_checkpoint = max_steps_per_checkpoint
-        self.max_loras = max_loras
-        self.mixable = mixable
+        self.turns = CheckpointTurns(max_loras, max_steps_per_checkpoint, mixable)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # oldest first
-        self.serving: list[Path | None] = [None]   # the checkpoints steps serve now (None: base)
-        self.serving_alone = not mixable(None)     # serving one that cannot mix
-        self.steps_on_checkpoints = 0              # steps since the set last turned over
         self.step_count = 0
-        self.last_served: dict[Path | None, int] = {}
         self.preempted_this_step = False
         self._pending_copies: list[tuple[int, int]] = []
         self._pending_state_copies: list[tuple[int, int]] = []
@@ -138,11 +123,10 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         if not self.has_work():
             return None
-        self._pick_checkpoints()
+        serving = self.turns.pick((*self.running, *self.waiting), self.step_count)
         self.preempted_this_step = False
         seqs, counts = [], []
         budget = self.max_num_batched_tokens
-        serving = set(self.serving)
         for seq in list(self.running):
             if seq.checkpoint not in serving or seq.status is not SequenceStatus.RUNNING:
                 continue
@@ -157,7 +141,7 @@ class Scheduler:
         self._admit_waiting(seqs, counts, budget, serving)
         if not seqs:
             return None
-        self.steps_on_checkpoints += 1
+        self.turns.stepped()
         self.step_count += 1
         copies, self._pending_copies = self._pending_copies, []
         state_copies, self._pending_state_copies = self._pending_state_copies, []
@@ -336,26 +320,3 @@ class Scheduler:
                 self._lead(heir, rest)
                 self.waiting.appendleft(heir)
         seq.status = SequenceStatus.FINISHED
-
-    def _pick_checkpoints(self) -> None:
-        """The checkpoints this step may serve (see the module docstring for the rule)."""
-        oldest: dict[Path | None, int] = {}   # checkpoint with work -> its oldest request
-        for seq in (*self.running, *self.waiting):
-            oldest[seq.checkpoint] = min(oldest.get(seq.checkpoint, seq.arrival), seq.arrival)
-        outside = oldest.keys() - set(self.serving)
-        if outside and self.steps_on_checkpoints >= self.max_steps_per_checkpoint:
-            for checkpoint in self.serving:          # the turn is over: to the back of the line
-                self.last_served[checkpoint] = self.step_count
-            self.serving, outside = [], set(oldest)
-        self.serving = [c for c in self.serving if c in oldest]
-        if not self.serving:
-            self.steps_on_checkpoints = 0
-        for checkpoint in sorted(outside, key=lambda c: (self.last_served.get(c, -1), oldest[c])):
-            if not self.serving:
-                self.serving, self.serving_alone = [checkpoint], not self.mixable(checkpoint)
-            elif not self.serving_alone and self._has_room(checkpoint) and self.mixable(checkpoint):
-                self.serving.append(checkpoint)
-
-    def _has_room(self, checkpoint: Path | None) -> bool:
-        """Whether the set can take `checkpoint`: the base model needs no adapter slot."""
-        return checkpoint is None or sum(c is not None for c in self.serving) < self.max_loras
