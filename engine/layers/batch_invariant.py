@@ -61,7 +61,7 @@ def padded_rows(fn: Product, x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Ten
     n = x.shape[0]
     if n == 0 or n >= rows:
         return fn(x)
-    return fn(torch.cat((x, x.new_zeros(rows - n, *x.shape[1:]))))[:n]
+    return fn(_zero_padded(x, rows))[:n]
 
 
 def tiled_rows(fn: Product, x: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
@@ -70,11 +70,16 @@ def tiled_rows(fn: Product, x: torch.Tensor, tile: int = ROW_TILE) -> torch.Tens
     n = x.shape[0]
     if n == 0:
         return fn(x)
-    if n % tile:
-        x = torch.cat((x, x.new_zeros(tile - n % tile, *x.shape[1:])))
-    parts = [fn(part) for part in x.split(tile)]
+    padded = _zero_padded(x, -(-n // tile) * tile)
+    parts = [fn(part) for part in padded.split(tile)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out[:n] if n % tile else out
+
+
+def _zero_padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, ...] with zero rows after it up to `rows` (x itself if it has them)."""
+    missing = rows - x.shape[0]
+    return torch.cat((x, x.new_zeros(missing, *x.shape[1:]))) if missing > 0 else x
 
 
 def cuda_matmul(x: torch.Tensor, weight: torch.Tensor,
