@@ -35,12 +35,14 @@ class SamplingOps:
 @dataclass(frozen=True)
 class LoraOps:
     """The segmented LoRA product of one backend ("torch" or "triton"): see lora_ref.py.
-    `lookup` (an embedding adapter's gather) is plain PyTorch in both."""
+    `lookup` (an embedding adapter's gather) is plain PyTorch in both. `factor_dtype`: the
+    dtype the stacked factors are held in (None: the model's)."""
 
     name: str
     shrink: Callable[..., torch.Tensor]
     expand: Callable[..., None]
     lookup: Callable[..., torch.Tensor]
+    factor_dtype: torch.dtype | None
 
 
 def _choose(backend: str, device: torch.device, what: str = "sampler",
@@ -100,5 +102,7 @@ def get_lora_ops(backend: str = "auto", device: torch.device | str = "cpu") -> L
         _check_triton(device, "LoRA")
         from kernels import lora
 
-        return LoraOps("triton", lora.shrink, lora.expand, lora_ref.lookup)
-    return LoraOps("torch", lora_ref.shrink, lora_ref.expand, lora_ref.lookup)
+        return LoraOps("triton", lora.shrink, lora.expand, lora_ref.lookup, None)
+    # float32 factors: on the CPU a batched product of a few rows runs about 3x faster in
+    # float32 than in bfloat16 (BENCHMARKS.md, issue 16), and the delta is rounded once.
+    return LoraOps("torch", lora_ref.shrink, lora_ref.expand, lora_ref.lookup, torch.float32)

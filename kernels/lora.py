@@ -93,7 +93,7 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping) -> torch
     _check_rows(x, "x")
     num_groups, max_rows = mapping.rows.shape
     width = lora_a.shape[-1]
-    t = torch.zeros(num_groups, max_rows, width, dtype=x.dtype, device=x.device)
+    t = torch.zeros(num_groups, max_rows, width, dtype=lora_a.dtype, device=x.device)
     grid = (num_groups, triton.cdiv(max_rows, BLOCK_M), triton.cdiv(width, BLOCK_N))
     _shrink_kernel[grid](x, lora_a, t, mapping.rows, mapping.lens, mapping.slots, max_rows,
                          x.shape[1], width, x.stride(0), *lora_a.stride(), t.stride(0),

@@ -4,8 +4,10 @@ A step that mixes checkpoints gives each token row the slot of its adapter (or n
 the base model). The rows are grouped by slot, so that one batched product serves every
 adapter of the step (Punica's SGMV, vLLM's LoRA ops): group g holds the rows of slot
 `slots[g]`, in batch order, `rows[g, :lens[g]]`; the rest of `rows[g]` is padding
-(row 0, never written), so that all groups have the same length and stack into one
-tensor. Groups are ordered by slot; rows without an adapter are in no group.
+(row 0, never read back), so that all groups have the same length and stack into one
+tensor. Groups are ordered by slot; rows without an adapter are in no group. `inverse`
+goes the other way: row i's place among the groups' flattened positions, or one past them
+for a row in no group (where the reference's expand keeps a zero row).
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ class LoraMapping:
     rows: torch.Tensor          # [G, M] int64: the rows of each group, padded with row 0
     lens: torch.Tensor          # [G] int32: rows in each group (M is the largest)
     slots: torch.Tensor         # [G] int64: each group's slot, ascending
-    padding: torch.Tensor       # [G, M, 1] bool: True past each group's rows
-    padded: bool                # whether any group is shorter than M (`padding` has a True)
+    inverse: torch.Tensor       # [T] int64: row i's place in rows.flatten(), G * M if none
     slot_list: tuple[int, ...]  # `slots` on the host, for checks that must not sync
     num_rows: int               # rows of the flat batch, adapted or not
 
@@ -43,11 +44,15 @@ class LoraMapping:
         sizes = [len(groups[s]) for s in slot_list]
         width = max(sizes)
         rows = [groups[s] + [0] * (width - len(groups[s])) for s in slot_list]
-        lens = torch.tensor(sizes, dtype=torch.int32, device=device)
-        padding = torch.arange(width, device=device)[None, :, None] >= lens[:, None, None]
-        return cls(torch.tensor(rows, dtype=torch.int64, device=device), lens,
-                   torch.tensor(slot_list, dtype=torch.int64, device=device), padding,
-                   min(sizes) < width, slot_list, len(row_slots))
+        inverse = [len(slot_list) * width] * len(row_slots)
+        for g, slot in enumerate(slot_list):
+            for m, row in enumerate(groups[slot]):
+                inverse[row] = g * width + m
+        return cls(torch.tensor(rows, dtype=torch.int64, device=device),
+                   torch.tensor(sizes, dtype=torch.int32, device=device),
+                   torch.tensor(slot_list, dtype=torch.int64, device=device),
+                   torch.tensor(inverse, dtype=torch.int64, device=device),
+                   slot_list, len(row_slots))
 
     @property
     def num_groups(self) -> int:

@@ -12,9 +12,14 @@ The stacked factors hold every slot: A^T as `[S, in, W]` (the slices' A^T side b
 W = slices * R) and B^T as `[S, R, out]`, R being the largest rank held and smaller
 ranks zero-padded. Each step is one batched product whatever the number of adapters
 (`bmm` over the groups, one per slice for the expand), with a gather of the rows before
-and one scatter-add of whole rows after: the number of ops is fixed per projection,
-however many adapters the step mixes (BENCHMARKS.md measures what they cost). Padded
-positions of t are zeroed, so they add nothing.
+and one of the deltas after (`LoraMapping.inverse`: each row's delta, or a zero row):
+the number of ops is fixed per projection, however many adapters the step mixes
+(BENCHMARKS.md measures what they cost). Padded positions of t are computed from row 0
+and never read back.
+
+t is in the factors' dtype, and so is the delta until it is added into y: with float32
+factors (the CPU's, `kernels.LoraOps.factor_dtype`) a bfloat16 row is rounded once, after
+its delta is added.
 
 `lookup` is the shrink of an embedding adapter (A is applied to one-hot rows, so it is
 a lookup of A^T's row by token id). kernels/lora.py holds the Triton kernels with the
@@ -33,39 +38,30 @@ Slices = Sequence[tuple[int, int]]   # output columns [start, stop) of each slic
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
-    """x: [T, K], lora_a: [S, K, W] -> t: [G, M, W] in x's dtype, where
-    t[g, m] = x[rows[g, m]] @ lora_a[slots[g]] for m < lens[g], and zero past them."""
-    grouped = x.index_select(0, mapping.rows.flatten())                     # [G * M, K]
-    t = torch.bmm(grouped.view(mapping.num_groups, mapping.max_rows, -1), mapping.take(lora_a))
-    return t.masked_fill_(mapping.padding, 0) if mapping.padded else t
+    """x: [T, K], lora_a: [S, K, W] -> t: [G, M, W] in lora_a's dtype, where
+    t[g, m] = x[rows[g, m]] @ lora_a[slots[g]] for m < lens[g] (past them: unspecified)."""
+    grouped = x.index_select(0, mapping.rows.flatten()).to(lora_a.dtype)    # [G * M, K]
+    return torch.bmm(grouped.view(mapping.num_groups, mapping.max_rows, -1), mapping.take(lora_a))
 
 
 def lookup(ids: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
     """ids: [T] token ids, lora_a: [S, V, R] (an embedding adapter's A^T) -> t: [G, M, R],
-    t[g, m] = lora_a[slots[g], ids[rows[g, m]]] for m < lens[g], and zero past them."""
-    t = lora_a[mapping.slots[:, None], ids[mapping.rows]]                  # [G, M, R]
-    return t.masked_fill_(mapping.padding, 0) if mapping.padded else t
+    t[g, m] = lora_a[slots[g], ids[rows[g, m]]] for m < lens[g] (past them: unspecified)."""
+    return lora_a[mapping.slots[:, None], ids[mapping.rows]]
 
 
 def expand(t: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, mapping: LoraMapping,
            slices: Slices) -> None:
     """Add each row's delta into y: [T, N]. t: [G, M, len(slices) * R], lora_b: [S, R, N]:
     y[rows[g, m], a:b] += t[g, m, j*R:(j+1)*R] @ lora_b[slots[g], :, a:b] for slice j = (a, b)."""
+    num_groups, max_rows = mapping.rows.shape
     rank = lora_b.shape[1]
-    b = mapping.take(lora_b)                                                # [G, R, N]
-    rows = mapping.rows.flatten()    # padded positions point at row 0 with a zero delta
-    deltas = [torch.bmm(t[:, :, j * rank:(j + 1) * rank], b[:, :, start:stop])   # [G, M, n_j]
-              for j, (start, stop) in enumerate(slices)]
-    if _tile(slices, y.shape[1]):
-        # One scatter of whole rows: on the CPU, many times faster than one per slice of columns.
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)   # [G, M, N]
-        y.index_add_(0, rows, delta.view(len(rows), -1))
-        return
-    for delta, (start, stop) in zip(deltas, slices):
-        y[:, start:stop].index_add_(0, rows, delta.view(len(rows), -1))
-
-
-def _tile(slices: Slices, width: int) -> bool:
-    """Whether the slices, in order, cover columns [0, width) once each."""
-    stops = [0, *(stop for _, stop in slices)]
-    return stops[-1] == width and all(start == stops[j] for j, (start, _) in enumerate(slices))
+    b = mapping.take(lora_b)                                                  # [G, R, N]
+    # One extra zero row, the delta of the rows in no group (columns of no slice stay zero).
+    # Slices may overlap (an adapter of a whole fused projection beside one of its parts).
+    delta = t.new_zeros(num_groups * max_rows + 1, y.shape[1])                # [G * M + 1, N]
+    grouped = delta[:-1].view(num_groups, max_rows, -1)
+    for j, (start, stop) in enumerate(slices):
+        t_j = t[:, :, j * rank:(j + 1) * rank]                               # [G, M, R]
+        grouped[:, :, start:stop] += torch.bmm(t_j, b[:, :, start:stop])
+    y.add_(delta.index_select(0, mapping.inverse))        # in delta's dtype, then rounded once

@@ -7,8 +7,9 @@ up to `num_slots` adapters, stacked; an adapter takes one slot in every module i
 `assign` gives each adapter of a step a slot: the one it already holds, else a free one
 (lowest first, so that a step's slots are usually consecutive and the stacks are read
 in place), else that of the least recently used adapter the step does not need. Loading
-casts the float32 factors to the model's dtype with the scale folded into B, and
-empties the modules the slot's previous adapter adapted and the new one does not.
+folds the scale into B in float32 and casts the factors to the stacks' dtype (the LoRA
+backend's `factor_dtype`, else the model's), and empties the modules the slot's previous
+adapter adapted and the new one does not.
 
 Adapters are known by their `AdapterKey` (directory, inode, mtime, size), so a
 checkpoint rewritten on disk is a new adapter and takes a slot of its own.
@@ -90,6 +91,7 @@ class AdapterSlots:
             in_features, out_features = ((layer.num_embeddings, layer.embedding_dim)
                                          if isinstance(layer, Embedding)
                                          else (layer.in_features, layer.out_features))
-            layer.lora_slots = LoraSlots(self.num_slots, in_features, out_features, weight.dtype,
-                                         weight.device, self.ops)
+            layer.lora_slots = LoraSlots(self.num_slots, in_features, out_features,
+                                         self.ops.factor_dtype or weight.dtype, weight.device,
+                                         self.ops)
         return layer.lora_slots, rows if rows is not None else slice(None)

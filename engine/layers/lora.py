@@ -15,7 +15,8 @@ The stacks are laid out for the kernels (kernels/lora_ref.py):
   (B^T rather than B: the expand multiplies by it, and on the CPU a batched product
   with a transposed operand is several times slower).
 R is the largest rank held; smaller ranks are zero-padded, and the stacks grow (R, or a
-new slice) when a larger adapter arrives, never past the slot table's maximum rank.
+new slice) when a larger adapter arrives, never past the slot table's maximum rank. They
+are held in `dtype`, the LoRA backend's choice: float32 on the CPU, the model's on CUDA.
 """
 
 from __future__ import annotations
