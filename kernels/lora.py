@@ -6,7 +6,9 @@ the factors of the group's slot straight from the stacks (no copy of A or B).
 - shrink: one program per (group, block of its rows, block of W columns): t = x @ A^T
   over K in blocks, accumulated in float32. Blocks past a group's rows stay zero.
 - expand: one program per (group, block of rows, block of one slice's columns): the
-  block's delta t[:, j*R:(j+1)*R] @ B^T is added into y. Each (row, column) of y belongs
+  block's delta t[:, j*R:(j+1)*R] @ B^T is added into y. Slices may overlap (an adapter
+  of a whole fused projection beside one of its parts), so they are launched in sets of
+  disjoint slices, one after the other: within a launch each (row, column) of y belongs
   to one group and one program, so the add needs no atomics and is deterministic.
 
 Tiles are multiplied in float32 (`input_precision="ieee"`: no TF32), whatever the storage
@@ -56,14 +58,14 @@ def _shrink_kernel(x_ptr, a_ptr, t_ptr, rows_ptr, lens_ptr, slots_ptr, M, K, W,
 
 
 @triton.jit
-def _expand_kernel(t_ptr, b_ptr, y_ptr, rows_ptr, lens_ptr, slots_ptr, starts_ptr, sizes_ptr,
-                   M, R, tiles_per_slice, stride_tg, stride_tm, stride_bs, stride_bn, stride_br,
-                   stride_yt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _expand_kernel(t_ptr, b_ptr, y_ptr, rows_ptr, lens_ptr, slots_ptr, index_ptr, starts_ptr,
+                   sizes_ptr, M, R, tiles_per_slice, stride_tg, stride_tm, stride_bs, stride_bn,
+                   stride_br, stride_yt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     g, pid_m, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    j, tile = pid // tiles_per_slice, pid % tiles_per_slice
+    i, tile = pid // tiles_per_slice, pid % tiles_per_slice    # the launch's i-th slice
     num_rows = tl.load(lens_ptr + g)
-    size = tl.load(sizes_ptr + j)
+    size = tl.load(sizes_ptr + i)
     if (pid_m * BLOCK_M >= num_rows) | (tile * BLOCK_N >= size):
         return
     slot = tl.load(slots_ptr + g)
@@ -71,7 +73,8 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, rows_ptr, lens_ptr, slots_ptr, starts_pt
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = offs_m < num_rows, offs_n < size
     rows = tl.load(rows_ptr + g * M + offs_m, mask=row_ok, other=0)
-    cols = tl.load(starts_ptr + j) + offs_n
+    cols = tl.load(starts_ptr + i) + offs_n
+    j = tl.load(index_ptr + i)                                  # its place in `slices`: t's columns
     b_base = b_ptr + slot * stride_bs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
@@ -106,24 +109,40 @@ def expand(t: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, mapping: Lora
     """Same contract as lora_ref.expand: y [T, N] += each row's t @ B^T, slice by slice."""
     _check_rows(y, "y")
     _check_rows(t, "t")
-    starts, sizes = _slice_table(tuple(slices), y.device)
     num_groups, max_rows = mapping.rows.shape
-    tiles = triton.cdiv(max(stop - start for start, stop in slices), BLOCK_N)
-    grid = (num_groups, triton.cdiv(max_rows, BLOCK_M), len(slices) * tiles)
-    _expand_kernel[grid](t, lora_b, y, mapping.rows, mapping.lens, mapping.slots, starts, sizes,
-                         max_rows, lora_b.shape[1], tiles, t.stride(0), t.stride(1),
-                         lora_b.stride(0), lora_b.stride(2), lora_b.stride(1), y.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                         BLOCK_K=BLOCK_K)
+    for index, starts, sizes, largest in _disjoint_launches(tuple(slices), y.device):
+        tiles = triton.cdiv(largest, BLOCK_N)
+        grid = (num_groups, triton.cdiv(max_rows, BLOCK_M), len(index) * tiles)
+        _expand_kernel[grid](t, lora_b, y, mapping.rows, mapping.lens, mapping.slots, index,
+                             starts, sizes, max_rows, lora_b.shape[1], tiles, t.stride(0),
+                             t.stride(1), lora_b.stride(0), lora_b.stride(2), lora_b.stride(1),
+                             y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+
+Launch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 @lru_cache(maxsize=256)
-def _slice_table(slices: tuple[tuple[int, int], ...],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slices' first columns and sizes on `device`, made once per layout (no copy per call)."""
-    starts = torch.tensor([start for start, _ in slices], dtype=torch.int64, device=device)
-    sizes = torch.tensor([stop - start for start, stop in slices], dtype=torch.int64, device=device)
-    return starts, sizes
+def _disjoint_launches(slices: tuple[tuple[int, int], ...],
+                       device: torch.device) -> list[Launch]:
+    """The slices split into sets of pairwise disjoint ones, each as its launch's tables on
+    `device` (the slices' places in `slices`, first columns, sizes) and its largest size;
+    made once per layout (no copy per call)."""
+    sets: list[list[int]] = []
+    for j, (start, stop) in enumerate(slices):
+        for members in sets:
+            if all(stop <= slices[k][0] or slices[k][1] <= start for k in members):
+                members.append(j)
+                break
+        else:
+            sets.append([j])
+
+    def table(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return [(table(s), table([slices[j][0] for j in s]),
+             table([slices[j][1] - slices[j][0] for j in s]),
+             max(slices[j][1] - slices[j][0] for j in s)) for s in sets]
 
 
 def _check_rows(tensor: torch.Tensor, name: str) -> None:

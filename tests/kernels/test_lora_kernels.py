@@ -174,6 +174,30 @@ def test_triton_expand_leaves_base_rows_and_uncovered_columns_alone(device):
     assert changed[20:28].all() and not changed[:20].any() and not changed[28:].any()
 
 
+OVERLAPPING = [(0, 36), (0, 20), (20, 28)]   # a whole fused projection beside two parts
+
+
+def test_triton_expand_launches_overlapping_slices_apart():
+    # Within one launch each column of y has one writer: no lost updates on a GPU.
+    launches = lora._disjoint_launches(tuple(OVERLAPPING), torch.device("cpu"))
+    assert [index.tolist() for index, *_ in launches] == [[0], [1, 2]]
+    assert [(starts.tolist(), sizes.tolist(), largest)
+            for _, starts, sizes, largest in launches] == [([0], [36], 36), ([0, 20], [20, 8], 20)]
+
+
+def test_triton_expand_of_overlapping_slices_matches_the_reference(device):
+    gen = torch.Generator().manual_seed(6)
+    mapping = LoraMapping.from_row_slots(ROW_SLOTS, device)
+    t = torch.randn(mapping.num_groups, mapping.max_rows, len(OVERLAPPING) * RANK,
+                    generator=gen).to(device)
+    b = torch.randn(4, RANK, N, generator=gen).to(device)
+    y = torch.randn(len(ROW_SLOTS), N, generator=gen).to(device)
+    y_ref = y.clone()
+    lora_ref.expand(t, b, y_ref, mapping, OVERLAPPING)
+    lora.expand(t, b, y, mapping, OVERLAPPING)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_get_lora_ops_picks_the_reference_on_cpu_and_triton_on_request(monkeypatch):
     monkeypatch.delenv("POKESERVE_LORA_KERNELS", raising=False)
     assert get_lora_ops("auto", "cpu").shrink is lora_ref.shrink
