@@ -50,7 +50,8 @@ def _kernels_and_signatures() -> list:
     shrink_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "t_ptr": "*bf16", **mapping, "K": "i32",
                   "W": "i32", **strides("xt", "as", "ak", "aw", "tg", "tm")}
     expand_sig = {"t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **mapping,
-                  "starts_ptr": "*i64", "sizes_ptr": "*i64", "R": "i32", "tiles_per_slice": "i32",
+                  "index_ptr": "*i64", "starts_ptr": "*i64", "sizes_ptr": "*i64", "R": "i32",
+                  "tiles_per_slice": "i32",
                   **strides("tg", "tm", "bs", "bn", "br", "yt")}
     lora_fp32 = {"x_ptr": "*fp32", "a_ptr": "*fp32", "t_ptr": "*fp32"}
     lora_blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_K": lora.BLOCK_K}
