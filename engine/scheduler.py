@@ -29,10 +29,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from engine.block_manager import BlockManager
-from engine.checkpoint_turns import CheckpointTurns, always
+from engine.checkpoint_turns import Checkpoint, CheckpointTurns, always
 from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
 from engine.state_slots import StateSlotAllocator
@@ -48,7 +47,7 @@ class ScheduledBatch:
     state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
-    def checkpoints(self) -> list[Path | None]:
+    def checkpoints(self) -> list[Checkpoint]:
         """The distinct checkpoints of the step's sequences (None: the base model)."""
         return list(dict.fromkeys(seq.checkpoint for seq in self.seqs))
 
@@ -76,7 +75,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
-                 max_loras: int = 16, mixable: Callable[[Path | None], bool] = always,
+                 max_loras: int = 16, mixable: Callable[[Checkpoint], bool] = always,
                  state_slots: StateSlotAllocator | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
@@ -219,7 +218,7 @@ class Scheduler:
         return forked
 
     def _admit_waiting(self, seqs: list[Sequence], counts: list[int], budget: int,
-                       serving: set[Path | None]) -> None:
+                       serving: set[Checkpoint]) -> None:
         if self.preempted_this_step:
             return  # the cache is under pressure: let the running sequences drain first
         skipped: list[Sequence] = []
