@@ -16,6 +16,7 @@ writing on its own.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -67,8 +68,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_cached_prefix(self, seq: Sequence) -> int:
-        """Give a newly admitted sequence the cached blocks of its longest cached prefix.
+    def allocate_cached_prefix(self, seq: Sequence,
+                               resumable: Callable[[int], bool] = lambda block_hash: True) -> int:
+        """Give a newly admitted sequence the cached blocks of its longest cached prefix
+        that ends at a block `resumable` accepts (by its hash: for a hybrid model, one
+        whose linear-attention state is kept, engine.state_snapshots).
 
         At least one token is left to compute, so the step that finishes the prefill
         produces the logits to sample from. Returns the number of cached tokens.
@@ -76,7 +80,7 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return 0
-        h = checkpoint_seed(seq)
+        h, hits = checkpoint_seed(seq), []
         tokens = seq.token_ids
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
@@ -84,10 +88,19 @@ class BlockManager:
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
+            hits.append(block_id)
+        while hits and not resumable(self.blocks[hits[-1]].hash):
+            hits.pop()
+        for block_id in hits:
             self._take(block_id)
             seq.block_table.append(block_id)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
+
+    def block_hash(self, seq: Sequence, num_tokens: int) -> int:
+        """The hash of the block of `seq` that ends at `num_tokens` (a multiple of the
+        block size; NO_HASH if that block is not registered)."""
+        return self.blocks[seq.block_table[num_tokens // self.block_size - 1]].hash
 
     def prompt_block_hashes(self, seq: Sequence) -> list[int]:
         """The chained hashes of the prompt's full blocks (what a prefix hit would match)."""

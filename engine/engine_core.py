@@ -38,6 +38,7 @@ from engine.outputs import EngineStats, ErrorKind, RequestOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SequenceUpdate
 from engine.sequence import Sequence
 from engine.state_slots import StateSlotAllocator
+from engine.state_snapshots import StateSnapshots
 from engine.text.pipeline import TextPipeline
 from engine.text.tokenizer import Tokenizer
 from kernels import get_lora_ops
@@ -60,15 +61,18 @@ class EngineCore:
         self.tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress,
                            batch_invariant=ecfg.batch_invariant)
-        num_blocks, num_state_slots = cache_capacity(cfg, ecfg)
+        capacity = cache_capacity(cfg, ecfg)
         # A lone sequence of max_model_len tokens always fits in the cache, so preemption
         # always makes progress.
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings, num_blocks * ecfg.block_size)
-        # A cached block cannot restore a linear-attention state: no prefix caching there.
-        self.block_manager = BlockManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching
-                                          and cfg.linear_attention is None)
-        self.state_slots = StateSlotAllocator(num_state_slots if cfg.linear_attention else None)
+                                 cfg.max_position_embeddings, capacity.num_blocks * ecfg.block_size)
+        self.block_manager = BlockManager(capacity.num_blocks, ecfg.block_size,
+                                          ecfg.enable_prefix_caching)
+        self.state_slots = StateSlotAllocator(capacity.num_state_slots
+                                              if cfg.linear_attention else None)
+        # The kept states' rows come after the live slots' in the runner's state pool.
+        snapshots = (StateSnapshots(capacity.num_state_slots, capacity.num_state_snapshots)
+                     if capacity.num_state_snapshots else None)
         # Exact base copies live in host memory: the KV cache already took the GPU's spare.
         merger = LoraManager(model, cache_bytes=ecfg.lora_cache_memory, backup_device="cpu",
                              max_cached=ecfg.max_cpu_loras, max_rank=ecfg.max_lora_rank)
@@ -77,8 +81,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens, eos_token_ids=cfg.eos_token_ids,
                                    max_model_len=self.max_model_len, max_loras=ecfg.max_loras,
-                                   mixable=self.lora.mixable, state_slots=self.state_slots)
-        self.runner = ModelRunner(model, cfg, ecfg, num_blocks, num_state_slots)
+                                   mixable=self.lora.mixable, state_slots=self.state_slots,
+                                   state_snapshots=snapshots)
+        self.runner = ModelRunner(model, cfg, ecfg, capacity.num_blocks, capacity.num_state_rows)
         self._num_unmerged_steps = 0
         self._samples: dict[str, _Sample] = {}
         self._arrivals = 0

@@ -10,6 +10,7 @@ with the attention metadata (`meta.lora`), and the rows of the logits get their 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,15 +31,29 @@ def kv_cache_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) 
     return 2 * cfg.num_attention_layers * block_size * cfg.kv_size * dtype.itemsize
 
 
-def cache_capacity(cfg: ModelConfig, ecfg: EngineConfig) -> tuple[int, int]:
-    """(KV blocks, state slots) for the memory budget (call once the weights are loaded).
+class CacheCapacity(NamedTuple):
+    num_blocks: int
+    num_state_slots: int        # live linear-attention states, one per running sequence
+    num_state_snapshots: int    # kept states at prompts' block boundaries (prefix caching)
+
+    @property
+    def num_state_rows(self) -> int:
+        """Rows of the state pool: the live slots', then the kept states'."""
+        return self.num_state_slots + self.num_state_snapshots
+
+
+def cache_capacity(cfg: ModelConfig, ecfg: EngineConfig) -> CacheCapacity:
+    """The KV blocks and state rows for the memory budget (call once the weights are loaded).
 
     A model with linear-attention layers gets a state slot for each sequence a step may
-    hold, `max_num_seqs`, but at most half the budget's worth; the KV blocks get the rest
-    (with `num_kv_blocks` given, the state pool comes on top).
+    hold, `max_num_seqs`, and with prefix caching as many rows again for kept states
+    (engine.state_snapshots), but at most half the budget's worth; the KV blocks get the
+    rest (with `num_kv_blocks` given, the state pool comes on top).
     """
     spec = cfg.linear_attention
-    slot_bytes = spec.state_bytes(ecfg.dtype) if spec else 0
+    keeps_states = spec is not None and ecfg.enable_prefix_caching
+    # A slot's bytes: its live row, and with prefix caching a row of kept state beside it.
+    slot_bytes = spec.state_bytes(ecfg.dtype) * (2 if keeps_states else 1) if spec else 0
     if ecfg.num_kv_blocks:
         num_blocks, num_slots = ecfg.num_kv_blocks, ecfg.max_num_seqs if spec else 0
     else:
@@ -49,27 +64,27 @@ def cache_capacity(cfg: ModelConfig, ecfg: EngineConfig) -> tuple[int, int]:
     if num_blocks < 1 or (spec and num_slots < 1):
         raise ValueError("no memory is left for the KV cache: raise gpu_memory_utilization "
                          "or give kv_cache_memory / num_kv_blocks")
-    return num_blocks, num_slots
+    return CacheCapacity(num_blocks, num_slots, num_slots if keeps_states else 0)
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device | str, num_state_slots: int = 0) -> list:
+                       device: torch.device | str, num_state_rows: int = 0) -> list:
     """One cache per layer, by its type: an attention layer's paged KV tensor (the k heads,
     then the v heads: see engine.layers.attention), a linear-attention layer's state pool."""
     spec = cfg.linear_attention
     linear = set(spec.layers) if spec else set()
     shape = (2 * cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-    return [LinearAttentionState.allocate(spec, num_state_slots, dtype, device) if i in linear
+    return [LinearAttentionState.allocate(spec, num_state_rows, dtype, device) if i in linear
             else torch.zeros(shape, dtype=dtype, device=device) for i in range(cfg.num_layers)]
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, ecfg: EngineConfig,
-                 num_blocks: int, num_state_slots: int = 0) -> None:
+                 num_blocks: int, num_state_rows: int = 0) -> None:
         self.model, self.cfg, self.block_size = model, cfg, ecfg.block_size
         self.device = torch.device(ecfg.device)
         self.kv_caches = allocate_kv_caches(cfg, num_blocks, ecfg.block_size, ecfg.dtype,
-                                            self.device, num_state_slots)
+                                            self.device, num_state_rows)
         self.sampler = Sampler(ecfg.sampler_backend, self.device, cfg.eos_token_ids)
 
     @torch.inference_mode()
@@ -83,7 +98,7 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         self._copy_blocks(batch.block_copies)
-        self._copy_states(batch.state_copies)
+        copy_state_rows(self.kv_caches, batch.state_copies)
         input_ids, positions, meta = self._prepare(seqs, counts)
         row_slots = None
         if slots is not None:
@@ -146,17 +161,6 @@ class ModelRunner:
             if isinstance(kv_cache, torch.Tensor):
                 kv_cache[:, dst] = kv_cache[:, src]
 
-    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
-        """Copy state slots (a fork's: the state its leader's prefill left) in every
-        linear-attention layer."""
-        if not copies:
-            return
-        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
-        for cache in self.kv_caches:
-            if isinstance(cache, LinearAttentionState):
-                cache.conv[dst] = cache.conv[src]
-                cache.recurrent[dst] = cache.recurrent[src]
-
     def _prompt_logprobs(self, logits, seqs, counts, starts, results) -> None:
         """Logprob of each prompt token given its prefix, for the prompt tokens that this
         chunk's logits predict (position p's logits predict token p + 1)."""
@@ -173,6 +177,33 @@ class ModelRunner:
                                         [seq.params.prompt_logprobs] * len(targets))
             r = results[seq]
             r.prompt_logprobs, r.prompt_top_logprobs = out.logprobs, out.top_logprobs
+
+
+def copy_state_rows(caches: list, copies: list[tuple[int, int]]) -> None:
+    """Copy rows of every linear-attention layer's state pool, (source, destination) in
+    order: a row may be written and then read (a state kept, then resumed from in the
+    same step), so the copies go in runs that read no row an earlier copy of the run
+    writes, each run at once."""
+    states = [cache for cache in caches if isinstance(cache, LinearAttentionState)]
+    for run in _independent_runs(copies):
+        src, dst = (torch.tensor(rows, device=states[0].conv.device) for rows in zip(*run))
+        for state in states:
+            state.conv[dst] = state.conv[src]
+            state.recurrent[dst] = state.recurrent[src]
+
+
+def _independent_runs(copies: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """`copies` cut into consecutive runs in which no copy reads or writes a row that an
+    earlier copy of its run writes."""
+    runs: list[list[tuple[int, int]]] = []
+    written: set[int] = set()
+    for src, dst in copies:
+        if not runs or src in written or dst in written:
+            runs.append([])
+            written = set()
+        runs[-1].append((src, dst))
+        written.add(dst)
+    return runs
 
 
 class _Logits:

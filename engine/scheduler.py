@@ -11,6 +11,11 @@ When the cache is full, the youngest running sequence is preempted: its blocks (
 state slot) are freed and it goes back to the front of the queue, to be recomputed
 later. Nothing is ever dropped.
 
+For a hybrid model, a cached prefix is only of use with the linear-attention state
+that its last block left (engine.state_snapshots): a prefill stops at its prompt's last
+full block so that its state there can be kept, and a prompt that finds that prefix
+cached starts from a copy of it.
+
 A prompt is computed once: the samples of one prompt follow their first sample and
 fork from it when its prefill ends (its first token is sampled for each of them from
 the same logits, each with its own seed), and a waiting prompt whose next block
@@ -35,6 +40,7 @@ from engine.checkpoint_turns import Checkpoint, CheckpointTurns, always
 from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
 from engine.state_slots import StateSlotAllocator
+from engine.state_snapshots import StateSnapshots
 
 
 @dataclass
@@ -43,7 +49,8 @@ class ScheduledBatch:
     num_new_tokens: list[int]            # per sequence, same order
     # KV blocks to copy (source, destination) before the step: forks' partial blocks.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # State slots to copy (source, destination) before the step: forks' states.
+    # State rows to copy (source, destination) before the step, in order: forks' states,
+    # states kept at a block boundary, kept states a prefix-cache hit resumes from.
     state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -76,9 +83,11 @@ class Scheduler:
                  max_num_batched_tokens: int, max_steps_per_checkpoint: int = 16,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
                  max_loras: int = 16, mixable: Callable[[Checkpoint], bool] = always,
-                 state_slots: StateSlotAllocator | None = None) -> None:
+                 state_slots: StateSlotAllocator | None = None,
+                 state_snapshots: StateSnapshots | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
+        self.snapshots = state_snapshots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.turns = CheckpointTurns(max_loras, max_steps_per_checkpoint, mixable)
@@ -131,7 +140,7 @@ class Scheduler:
                 continue
             if budget == 0 or len(seqs) == self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             if not self._make_room(seq, n):
                 continue  # seq itself was preempted
             seqs.append(seq)
@@ -158,6 +167,7 @@ class Scheduler:
             self.num_computed_prompt_tokens += max(0, min(seq.num_computed_tokens,
                                                           seq.num_prompt_tokens) - before)
             self.bm.cache_full_blocks(seq, before)
+            self._keep_state(seq, before)
             result = results[seq]
             seq.prompt_logprobs += result.prompt_logprobs
             seq.prompt_top_logprobs += result.prompt_top_logprobs
@@ -228,10 +238,10 @@ class Scheduler:
             if seq.checkpoint not in serving or self._next_block_is_promised(seq, promised):
                 skipped.append(seq)
                 continue
-            cached = self.bm.allocate_cached_prefix(seq)
+            cached = self.bm.allocate_cached_prefix(seq, self._resumable)
             seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
             self.num_prefix_cached_tokens += cached
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             if not self._make_room_to_admit(seq, n, nothing_scheduled=not seqs):
                 self.bm.free_blocks(seq)
                 seq.num_computed_tokens = 0
@@ -239,6 +249,9 @@ class Scheduler:
                 break
             self.bm.append_slots(seq, n)
             self.state_slots.allocate(seq)
+            if cached and self.state_slots.has_state:
+                kept = self.snapshots.take(self.bm.block_hash(seq, cached))
+                self._pending_state_copies.append((kept, seq.state_slot))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
@@ -246,6 +259,36 @@ class Scheduler:
             budget -= n
             promised |= self._uncomputed_prompt_blocks(seq)
         self.waiting.extendleft(reversed(skipped))
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """What `seq` runs this step: the rest of it, cut to the token budget. Where states
+        are kept, a prefill also stops at its prompt's last full block (the longest prefix
+        a later prompt may take from the cache), so that its state there can be kept."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        if self.snapshots is not None:
+            bs = self.bm.block_size
+            boundary = (seq.num_prompt_tokens - 1) // bs * bs
+            if seq.num_computed_tokens < boundary < seq.num_computed_tokens + n:
+                n = boundary - seq.num_computed_tokens
+        return n
+
+    def _resumable(self, block_hash: int) -> bool:
+        """Whether a sequence can resume after the cached block `block_hash`: always,
+        unless the model keeps linear-attention states, then only where one is kept."""
+        if not self.state_slots.has_state:
+            return True
+        return self.snapshots is not None and block_hash in self.snapshots
+
+    def _keep_state(self, seq: Sequence, before: int) -> None:
+        """After a prefill step that ended at a block boundary of the prompt: keep a copy
+        of the state there, for later prompts with this prefix."""
+        if self.snapshots is None or before >= seq.num_prompt_tokens:
+            return
+        if seq.num_computed_tokens % self.bm.block_size:
+            return
+        row = self.snapshots.keep(self.bm.block_hash(seq, seq.num_computed_tokens))
+        if row is not None:
+            self._pending_state_copies.append((seq.state_slot, row))
 
     def _promised_blocks(self) -> set[int]:
         """Hashes of prompt blocks that running prefills are computing and have not cached."""

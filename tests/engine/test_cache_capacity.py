@@ -33,10 +33,21 @@ def test_slots_take_at_most_half_the_budget_and_blocks_the_rest():
     cfg = Qwen3_5Config.from_dict(QWEN3_5)
     slot, block = cfg.linear_attention.state_bytes(torch.float32), kv_cache_block_bytes(
         cfg, 16, torch.float32)
+    roomy = dict(kv_cache_memory=100 * slot, max_num_seqs=8, enable_prefix_caching=False)
+    assert cache_capacity(cfg, EngineConfig(**roomy)) == ((100 * slot - 8 * slot) // block, 8, 0)
+    tight = dict(roomy, kv_cache_memory=10 * slot)
+    assert cache_capacity(cfg, EngineConfig(**tight)) == ((10 * slot - 5 * slot) // block, 5, 0)
+
+
+def test_with_prefix_caching_each_slot_has_a_row_for_a_kept_state_beside_it():
+    cfg = Qwen3_5Config.from_dict(QWEN3_5)
+    slot, block = cfg.linear_attention.state_bytes(torch.float32), kv_cache_block_bytes(
+        cfg, 16, torch.float32)
     roomy = EngineConfig(kv_cache_memory=100 * slot, max_num_seqs=8)
-    assert cache_capacity(cfg, roomy) == ((100 * slot - 8 * slot) // block, 8)
+    assert cache_capacity(cfg, roomy) == ((100 * slot - 16 * slot) // block, 8, 8)
     tight = EngineConfig(kv_cache_memory=10 * slot, max_num_seqs=8)
-    assert cache_capacity(cfg, tight) == ((10 * slot - 5 * slot) // block, 5)
+    assert cache_capacity(cfg, tight) == ((10 * slot - 4 * slot) // block, 2, 2)
+    assert cache_capacity(cfg, EngineConfig(num_kv_blocks=5, max_num_seqs=3)).num_state_rows == 6
 
 
 def test_a_budget_without_room_for_one_slot_is_refused():
@@ -50,4 +61,4 @@ def test_a_model_without_linear_attention_gets_no_slots_and_the_whole_budget_in_
     cfg = ModelConfig.from_dict({**QWEN3_5, "model_type": "llama"})
     block = kv_cache_block_bytes(cfg, 16, torch.float32)
     assert cfg.num_attention_layers == 4
-    assert cache_capacity(cfg, EngineConfig(kv_cache_memory=50 * block)) == (50, 0)
+    assert cache_capacity(cfg, EngineConfig(kv_cache_memory=50 * block)) == (50, 0, 0)

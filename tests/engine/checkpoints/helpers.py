@@ -147,7 +147,7 @@ def engine_logprobs_fn(model: LlamaForCausalLM, block_size: int = 16) -> Logprob
         n = len(ids)
         num_blocks = -(-n // block_size)
         caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, "cpu",
-                                    num_state_slots=1)
+                                    num_state_rows=1)
         state_slots = StateSlotMetadata.build([0], [True], 0, "cpu") if has_state else None
         meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks)[None],
                                  context_lens=[n], query_lens=[n], num_decodes=0,

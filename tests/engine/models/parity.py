@@ -3,8 +3,8 @@
 A batch of prompts of different lengths is decoded greedily for 32 tokens, under every
 cache layout the engine may use: small and large blocks, prefix-cache hits, preemption
 (a cache too small for the batch) and chunked prefill. Each family's test runs it. A
-model with linear-attention layers serves no prompt token from the prefix cache and must
-give back every state slot too.
+model with linear-attention layers resumes cached prefixes from kept states
+(engine.state_snapshots) and must give back every state slot too.
 """
 
 from __future__ import annotations
@@ -79,11 +79,9 @@ def assert_engine_matches(model_dir: Path, layout: str, expected: list[Greedy],
                                        atol=1e-4, rtol=0)
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
-        if engine.model_config.linear_attention is None:
-            block_size = layouts[layout]["block_size"]
-            assert stats.num_prefix_cached_tokens >= len(SHARED) // block_size * block_size
-        else:     # a cached block cannot restore a recurrent state: no prefix caching
-            assert stats.num_prefix_cached_tokens == 0
+        block_size = layouts[layout]["block_size"]
+        assert stats.num_prefix_cached_tokens >= len(SHARED) // block_size * block_size
+        if engine.model_config.linear_attention is not None:
             assert stats.num_free_state_slots == stats.num_total_state_slots > 0
         if layout == "preemption":
             assert stats.num_preemptions > 0

@@ -3,11 +3,13 @@ greedy tokens exactly, logprobs within 1e-4 (float32), text and vision-language 
 
 Every cache layout of parity.py is covered (preemption: states are recomputed from
 scratch; chunked prefill: states carried from chunk to chunk), and fewer state slots
-than requests (sequences wait for a slot). No block or slot may leak, and no prompt
-token is served from the prefix cache (a cached block cannot restore a recurrent state).
+than requests (sequences wait for a slot). No block or slot may leak. Cached prefixes
+resume from the linear-attention states kept at their last block (engine.state_snapshots).
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from tests.tiny_models import save_state_dict_copy
 
 NEW_TOKENS = 24
 # Lengths 3, 22, 21, 1 (a one-token prompt starts as a decode) and 70 (over one chunk of
-# the chunked delta rule); two share a prefix that must not be served from the cache.
+# the chunked delta rule); two share a prefix that is served from the cache.
 PROMPTS = [[5, 6, 7], SHARED + [40, 41], list(range(60, 81)), [9], SHARED + list(range(100, 150))]
 LAYOUTS = {**ENGINE_LAYOUTS,
            "preemption": dict(block_size=4, num_kv_blocks=28),    # 112 slots: one long prompt
@@ -86,6 +88,45 @@ def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(mod
         assert stats.num_free_blocks == stats.num_total_blocks
     finally:
         engine.shutdown()
+
+
+def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(model_dirs):
+    """Two prompts with a shared prefix arrive together: the second waits a step for the
+    first to compute the prefix, then resumes from the state kept there, both copies made
+    before the same step (keep, then resume); each gives what transformers gives."""
+    prompts = [SHARED + [40, 41], SHARED + [42, 43, 44]]
+    expected = transformers_outputs(model_dirs["qwen3_5-text"], prompts, 8)
+    engine = Engine(model_dirs["qwen3_5-text"], core="inline", progress=False, block_size=4,
+                    num_kv_blocks=64)
+    copies, execute = [], engine.core.runner.execute
+
+    def recording_execute(batch, slots=None):
+        copies.append(list(batch.state_copies))
+        return execute(batch, slots)
+
+    engine.core.runner.execute = recording_execute
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    streams = [engine.add_request(prompt, params)[0] for prompt in prompts]
+    outputs = []
+
+    def client_thread():
+        try:
+            outputs.extend([list(stream) for stream in streams])
+        finally:
+            engine.shutdown()
+
+    threading.Thread(target=client_thread).start()
+    engine.run()
+    for records, (want_tokens, want_logprobs) in zip(outputs, expected):
+        assert [t for r in records for t in r.token_ids] == want_tokens
+        torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
+                                   torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+    assert outputs[1][0].num_cached_tokens == len(SHARED)       # on the first record
+    kept_and_resumed = [c for c in copies if len(c) == 2 and c[0][1] == c[1][0]]
+    assert len(kept_and_resumed) == 1
+    core = engine.core
+    assert core.state_slots.num_free_slots == core.state_slots.num_total_slots
+    assert core.block_manager.num_free_blocks == core.block_manager.num_total_blocks
 
 
 def test_the_vision_tower_and_mtp_head_are_skipped_unread(model_dirs, monkeypatch):

@@ -1,0 +1,142 @@
+"""Kept linear-attention states, prefix caching for a hybrid model: the table of kept
+states alone, the scheduler keeping and resuming from them, the runner's ordered copies.
+(tests/engine/models/test_qwen3_5.py holds the outputs against transformers.)"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.layers.linear_attention import LinearAttentionState
+from engine.model_runner import copy_state_rows
+from engine.models.qwen3_5 import Qwen3_5Config
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.state_slots import StateSlotAllocator
+from engine.state_snapshots import StateSnapshots
+from tests.engine.test_cache_capacity import QWEN3_5
+from tests.engine.test_scheduler import complete_step
+
+LIVE = 4                      # live slots 0-3; kept states in rows 4-7
+PROMPT = list(range(100, 114))   # 14 tokens: its last full block before the last token ends at 12
+
+
+def hybrid_scheduler(budget: int = 100, kept: StateSnapshots | None = None) -> Scheduler:
+    return Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=budget,
+                     state_slots=StateSlotAllocator(LIVE),
+                     state_snapshots=kept or StateSnapshots(LIVE, LIVE))
+
+
+def seq_of(prompt: list[int], name: str = "s") -> Sequence:
+    return Sequence(name, prompt, SamplingParams(), seed=0)
+
+
+def run_prefill(sched: Scheduler, seq: Sequence) -> list:
+    """Steps until `seq`'s prefill is done (it sampled its first token); the batches."""
+    batches = []
+    while not seq.output_ids:
+        batches.append(sched.schedule())
+        complete_step(sched, batches[-1])
+    return batches
+
+
+def test_rows_are_handed_out_until_all_hold_a_state_then_the_least_recently_used_goes():
+    kept = StateSnapshots(first_row=4, num_rows=2)
+    assert kept.keep(101) == 4 and kept.keep(102) == 5
+    assert kept.keep(101) is None                 # that prefix's state is kept already
+    assert kept.keep(103) == 5                    # 102 was the least recently used
+    assert 102 not in kept and 101 in kept and 103 in kept
+    assert kept.take(101) == 4                    # resuming from it makes it recent again
+    assert kept.keep(104) == 5 and 103 not in kept and kept.num_kept == 2
+
+
+def test_a_prefill_stops_at_its_prompts_last_full_block_and_keeps_the_state_there():
+    sched, seq = hybrid_scheduler(), seq_of(PROMPT)
+    sched.add(seq)
+    first = sched.schedule()
+    assert first.num_new_tokens == [12]
+    complete_step(sched, first)
+    second = sched.schedule()
+    assert second.num_new_tokens == [2]
+    assert second.state_copies == [(seq.state_slot, LIVE)]      # kept before the step runs
+
+
+def test_every_prefill_chunk_that_ends_on_a_block_boundary_keeps_its_state():
+    sched, seq = hybrid_scheduler(budget=8), seq_of(PROMPT)
+    sched.add(seq)
+    batches = run_prefill(sched, seq)
+    assert [b.num_new_tokens for b in batches] == [[8], [4], [2]]
+    assert [b.state_copies for b in batches] == [[], [(seq.state_slot, 4)],
+                                                 [(seq.state_slot, 5)]]
+
+
+def test_a_prompt_with_a_kept_prefix_resumes_from_a_copy_of_that_state():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    run_prefill(sched, first)
+    sched.finish(first)
+    later = seq_of(PROMPT[:12] + [7, 8, 9], "b")
+    sched.add(later)
+    batch = sched.schedule()
+    assert batch.seqs == [later] and batch.num_new_tokens == [3]
+    assert later.num_cached_tokens == 12 and sched.num_prefix_cached_tokens == 12
+    assert batch.state_copies == [(LIVE, later.state_slot)]
+
+
+def test_cached_blocks_past_the_last_kept_state_are_not_taken():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    run_prefill(sched, first)                  # blocks of tokens 0-11 cached, a state at 12 only
+    later = seq_of(PROMPT[:8] + [7, 8, 9], "b")
+    sched.add(later)
+    batch = sched.schedule()
+    assert later.num_cached_tokens == 0 and batch.state_copies == []
+    assert not set(later.block_table) & set(first.block_table)
+
+
+def test_without_kept_states_a_hybrid_model_takes_nothing_from_the_prefix_cache():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
+                      state_slots=StateSlotAllocator(LIVE))
+    first = seq_of(PROMPT, "a")
+    sched.add(first)
+    run_prefill(sched, first)
+    later = seq_of(PROMPT[:12] + [7], "b")
+    sched.add(later)
+    batch = sched.schedule()
+    assert later.num_cached_tokens == 0 and batch.num_new_tokens[-1] == 13
+
+
+def test_an_evicted_state_ends_its_prefixs_reuse():
+    sched = hybrid_scheduler(kept=StateSnapshots(LIVE, 1))
+    for name, prompt in (("a", PROMPT), ("b", [9] * 14)):     # b's state takes a's row
+        seq = seq_of(prompt, name)
+        sched.add(seq)
+        run_prefill(sched, seq)
+        sched.finish(seq)
+    later = seq_of(PROMPT[:12] + [7], "c")
+    sched.add(later)
+    sched.schedule()
+    assert later.num_cached_tokens == 0
+
+
+def test_a_state_kept_and_resumed_from_in_one_step_is_copied_in_that_order():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    complete_step(sched, sched.schedule())     # 12 tokens computed; their state is kept next
+    later = seq_of(PROMPT[:12] + [7], "b")
+    sched.add(later)
+    batch = sched.schedule()
+    assert batch.state_copies == [(first.state_slot, LIVE), (LIVE, later.state_slot)]
+    assert first.state_slot != later.state_slot
+
+
+def test_state_row_copies_apply_in_order_a_row_written_then_read():
+    spec = Qwen3_5Config.from_dict(QWEN3_5).linear_attention
+    state = LinearAttentionState.allocate(spec, 8, torch.float32, "cpu")
+    for row in range(8):
+        state.conv[row], state.recurrent[row] = row, 10 * row
+    copy_state_rows([torch.zeros(1), state], [(0, 4), (4, 1), (2, 4), (3, 5), (5, 6)])
+    assert [int(state.conv[row, 0, 0]) for row in range(8)] == [0, 0, 2, 3, 2, 3, 3, 7]
+    assert [int(state.recurrent[row, 0, 0, 0]) for row in range(8)] == [
+        0, 0, 20, 30, 20, 30, 30, 70]
