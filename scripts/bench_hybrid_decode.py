@@ -16,8 +16,8 @@ Expected: the linear-attention layers' cost is flat in the context (a fixed-size
 the attention layers' grows with it (they read every cached key and value).
 
 Then one prompt's prefill per `--prefill-contexts` length: what a prefix-cache hit of that
-length would have saved, and what a hybrid model, served without prefix caching, pays
-again for every repeat of a prompt.
+length saves (for the hybrid, from a state kept at a block boundary: engine.state_snapshots;
+scripts/bench_hybrid_prefix.py measures it through the engine).
 
 `--batch-invariant` adds the hybrid in the batch-invariant mode (engine.layers.
 batch_invariant), whose linear-attention layers run the recurrent form for every token,
