@@ -105,11 +105,7 @@ def test_the_checkpoints_own_chat_template_is_exported(exported):
 def test_exporting_a_base_writes_its_hub_tensors_back_bit_for_bit(tiny_model_dirs, tmp_path, family):
     # The fused q/k/v (with Qwen2's biases) and gate/up are split back into the hub's names.
     base = tiny_model_dirs[family]
-    out = export_checkpoint(None, tmp_path / "out", model_dir=base, progress=False)
-    original, written = hub_tensors(base), hub_tensors(out)
-    assert written.keys() == original.keys()
-    for name in original:
-        assert torch.equal(written[name], original[name]), name
+    out = assert_base_exports_bit_for_bit(base, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == json.loads((base / "config.json").read_text())[
         "tie_word_embeddings"]
@@ -121,12 +117,17 @@ def test_exporting_a_base_writes_its_hub_tensors_back_bit_for_bit(tiny_model_dir
 def test_exporting_a_qwen3_5_base_writes_its_hub_tensors_back_bit_for_bit(hybrid_model_dirs,
                                                                          tmp_path, family):
     # in_proj_qkv stays fused (it is in the hub); the vision tower is copied through.
-    base = hybrid_model_dirs[family]
-    out = export_checkpoint(None, tmp_path / "out", model_dir=base, progress=False)
+    assert_base_exports_bit_for_bit(hybrid_model_dirs[family], tmp_path / "out")
+
+
+def assert_base_exports_bit_for_bit(base: Path, out: Path) -> Path:
+    """Export the base model alone to `out`: its hub tensors, every one, as they were."""
+    export_checkpoint(None, out, model_dir=base, progress=False)
     original, written = hub_tensors(base), hub_tensors(out)
     assert written.keys() == original.keys()
     for name in original:
         assert torch.equal(written[name], original[name]), name
+    return out
 
 
 def test_a_base_without_its_own_template_keeps_the_bases(base, tmp_path):
