@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from engine.config import LORA_MODES, EngineConfig
+from engine.config import LORA_MODES, QUANTIZATIONS, EngineConfig
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
 from engine.text.reasoning import REASONING_EFFORTS
 from engine.text.reasoning_formats import REASONING_FORMATS
@@ -71,7 +71,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                    checkpoint_root=args.checkpoint_root, num_kv_blocks=args.num_kv_blocks,
                    max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                    max_lora_rank=args.max_lora_rank, lora_mode=args.lora_mode,
-                   batch_invariant=args.batch_invariant)
+                   batch_invariant=args.batch_invariant, quantization=args.quantization)
     if args.kv_cache_memory_gib is not None:
         options["kv_cache_memory"] = int(args.kv_cache_memory_gib * (1 << 30))
     options["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -109,6 +109,11 @@ def _add_serve_parser(commands) -> None:
                        help="a request's tokens and logprobs do not depend, bit for bit, on "
                             "the requests it shares steps with (slower: see BENCHMARKS.md); "
                             "checkpoints are then served merged, one per step")
+    serve.add_argument("--quantization", "-q", choices=[q for q in QUANTIZATIONS if q],
+                       default=None, help="mxfp4: keep gpt-oss's MXFP4 experts packed, a "
+                       "quarter of their bfloat16 memory (gpt-oss-120b on one GPU), each "
+                       "dequantized as a step uses it; their adapters are refused (default: "
+                       "dequantized once at load)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse KV blocks of identical prompt prefixes")
     serve.add_argument("--max-loras", type=_positive_int, default=EngineConfig.max_loras,

@@ -10,6 +10,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 # How steps serve checkpoints (engine.checkpoints.lora_serving): "auto" merges a step's
 # one checkpoint and mixes several unmerged; "merged" never mixes; "unmerged" never merges.
 LORA_MODES = ("auto", "merged", "unmerged")
+QUANTIZATIONS = (None, "mxfp4")     # EngineConfig.quantization: what stays packed
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,19 @@ class ModelConfig:
         spec = self.linear_attention
         return self.num_layers - (len(spec.layers) if spec else 0)
 
+    @property
+    def packed_experts(self) -> bool:
+        """Whether the experts stay in the checkpoint's MXFP4 (`EngineConfig.quantization`):
+        not dequantized at load, and not adaptable (no delta merges into packed weights)."""
+        return False
+
+    def served_with(self, quantization: str | None) -> "ModelConfig":
+        """This config as the engine serves it with `EngineConfig.quantization`."""
+        if quantization is None:
+            return self
+        raise ValueError(f"quantization {quantization!r}: a {self.model_type} model has no "
+                         "packed weights to keep (only gpt-oss's MXFP4 experts)")
+
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> "ModelConfig":
         """`cfg`: config.json; `generation_config`: generation_config.json (its EOS wins)."""
@@ -173,12 +187,19 @@ class EngineConfig:
     # its step, and merges start from an exact copy of the base, so a checkpoint's weights
     # are the same bits every time it is merged.
     batch_invariant: bool = False
+    # "mxfp4": gpt-oss's experts stay packed as the checkpoint has them, a quarter of their
+    # bfloat16 bytes (gpt-oss-120b fits one GPU), each dequantized as a step uses it
+    # (kernels.mxfp4_ref); None: dequantized once at load, faster and adaptable.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, "
+                             f"got {self.quantization!r}")
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
         if self.batch_invariant:

@@ -57,7 +57,7 @@ class _Sample:
 class EngineCore:
     def __init__(self, model_dir: Path, config: EngineConfig, progress: bool = True) -> None:
         self.config = ecfg = config
-        cfg = load_model_config(model_dir)
+        cfg = load_model_config(model_dir, ecfg.quantization)
         self.tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, cfg, ecfg.device, ecfg.dtype, progress=progress,
                            batch_invariant=ecfg.batch_invariant)

@@ -53,7 +53,7 @@ class Engine:
         self.config = EngineConfig(**options)
         self.model_dir = Path(model).resolve() if model else fetch_default_model()
         self.model_name = self.model_dir.name
-        self.model_config = cfg = load_model_config(self.model_dir)
+        self.model_config = cfg = load_model_config(self.model_dir, self.config.quantization)
         self.tokenizer = Tokenizer(self.model_dir)
         self.checkpoints = CheckpointStore(self.config.checkpoint_root, self.model_name, cfg,
                                            max_lora_rank=self.config.max_lora_rank)

@@ -235,6 +235,10 @@ def _served_module(name: str, targets: dict[str, LoraTarget], cfg: ModelConfig) 
 
 def _unservable_experts(name: str, layer: re.Match | None, targets: dict[str, LoraTarget],
                         cfg: ModelConfig) -> CheckpointInvalid:
+    if cfg.packed_experts:
+        return CheckpointInvalid(f"{name}: this server keeps the experts in MXFP4 (--quantization "
+                                 "mxfp4), and an adapter of them cannot be merged into packed "
+                                 "weights; serve the base without --quantization to adapt them")
     if not any(target.num_experts for target in targets.values()):
         return CheckpointInvalid(f"{name}: MoE expert factors, but this {cfg.model_type} model "
                                  "has no experts")

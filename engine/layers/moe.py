@@ -21,7 +21,9 @@ Expert weights are fused into two 3-D tensors, laid out as transformers holds th
 [E, H, I]. Expert e's slice of each is an ordinary `[out, in]` linear weight, so a hub
 checkpoint's per-expert tensors copy straight into their rows, a LoRA delta `B @ A`
 ([out, in]) adds to a slice without a transpose, and one expert's product reads one
-contiguous block of memory.
+contiguous block of memory. With `mxfp4` the experts keep a gpt-oss checkpoint's MXFP4
+instead, `<proj>_blocks` [E, out, in / 32, 16] and `<proj>_scales` [E, out, in / 32]
+(kernels.mxfp4_ref), each expert's matrix dequantized when a step gives it tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from engine.config import LoraTarget
 from engine.layers.activation import silu
 from engine.layers.batch_invariant import Product, cuda_matmul, invariant_rows
 from engine.layers.linear import Linear, PackedWeight, onednn_linear, uses_onednn
+from kernels import mxfp4_ref
 from kernels.lora_mapping import LoraMapping
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -105,13 +108,20 @@ class FusedExperts(nn.Module):
     tiled = True                # the mode's CPU products in tiles (ditto)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 activation: Activation = silu_and_mul, bias: bool = False) -> None:
+                 activation: Activation = silu_and_mul, bias: bool = False,
+                 mxfp4: bool = False) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.activation = activation
+        self.activation, self.mxfp4 = activation, mxfp4
         e, h, i = num_experts, hidden_size, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))     # [E, 2I, H]
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))            # [E, H, I]
+        for name, (out_dim, in_dim) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+            if mxfp4:   # uint8: the model's cast to its dtype leaves them as they are
+                blocks = torch.empty(e, out_dim, in_dim // 32, 16, dtype=torch.uint8)
+                scales = torch.empty(e, out_dim, in_dim // 32, dtype=torch.uint8)
+                setattr(self, name + "_blocks", nn.Parameter(blocks, requires_grad=False))
+                setattr(self, name + "_scales", nn.Parameter(scales, requires_grad=False))
+            else:       # [E, 2I, H] and [E, H, I]
+                setattr(self, name, nn.Parameter(torch.empty(e, out_dim, in_dim)))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if bias else None
         self._packed = {"gate_up_proj": PackedWeight(), "down_proj": PackedWeight()}
@@ -152,20 +162,31 @@ class FusedExperts(nn.Module):
     def products(self) -> list[tuple[Product, torch.Tensor, bool]]:
         """Expert 0's two products, their weights and whether they add a bias, for the
         mode's probe (every expert has the same shapes)."""
-        return [(partial(self._product, name=name, expert=0), getattr(self, name)[0],
+        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        return [(partial(self._product, name=name, expert=0), self.weight(name, 0, dtype),
                  getattr(self, name + "_bias") is not None)
                 for name in ("gate_up_proj", "down_proj")]
 
+    def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `expert`'s matrix [out, in] of the projection `name` (dequantized into
+        `dtype` if the experts are MXFP4; else as held)."""
+        if self.mxfp4:
+            return mxfp4_ref.dequantize(getattr(self, name + "_blocks")[expert],
+                                        getattr(self, name + "_scales")[expert], dtype)
+        return getattr(self, name)[expert]
+
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through
-        oneDNN with each expert's matrix packed once, as engine.layers.linear does."""
-        weight, bias = getattr(self, name), getattr(self, name + "_bias")
+        oneDNN with each expert's matrix packed once, as engine.layers.linear does (MXFP4
+        experts: dequantized for this product alone, so that they stay packed)."""
+        bias = getattr(self, name + "_bias")
         bias = None if bias is None else bias[expert]
+        if uses_onednn(x) and not self.mxfp4:
+            return onednn_linear(x, self._packed[name](getattr(self, name))[expert], bias)
+        weight = self.weight(name, expert, x.dtype)
         if self.batch_invariant and x.is_cuda:
-            return cuda_matmul(x, weight[expert], bias)
-        if uses_onednn(x):
-            return onednn_linear(x, self._packed[name](weight)[expert], bias)
-        return F.linear(x, weight[expert], bias)
+            return cuda_matmul(x, weight, bias)
+        return F.linear(x, weight, bias)
 
 
 def _weighted_sum(weights: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -183,12 +204,13 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
                  router: Router, activation: Activation = silu_and_mul,
-                 router_bias: bool = False, expert_bias: bool = False) -> None:
+                 router_bias: bool = False, expert_bias: bool = False,
+                 mxfp4: bool = False) -> None:
         super().__init__()
         self.gate = Linear(hidden_size, num_experts, bias=router_bias)
         self.router = router
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, activation,
-                                    expert_bias)
+                                    expert_bias, mxfp4)
 
     def forward(self, x: torch.Tensor, lora: LoraMapping | None = None) -> torch.Tensor:
         """x: [T, H] -> [T, H]. `lora` reaches the router only: checkpoints that adapt the

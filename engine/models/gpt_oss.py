@@ -14,13 +14,15 @@ Next to the Llama family it differs in five places, each a hook of `LlamaForCaus
   which load transposed into the MoE layer's [E, 2I, H] and [E, H, I], the interleaving
   kept (so the gate is in the even rows); `hub_tensor` transposes them back for an
   export. Hub checkpoints hold the experts in MXFP4, dequantized by the loader
-  (engine.models.mxfp4) before they get here; an export writes them dequantized.
+  (engine.models.mxfp4) before they get here, or, with `EngineConfig.quantization`
+  "mxfp4", loaded packed as they are (`*_blocks`, `*_scales`: engine.layers.moe); an
+  export writes them dequantized.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -46,6 +48,7 @@ class GptOssModelConfig(ModelConfig):
     swiglu_alpha: float
     sliding_window: int | None
     layer_types: tuple[str, ...]     # per layer: SLIDING or FULL
+    keep_mxfp4: bool = False         # the experts served packed (EngineConfig.quantization)
 
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> "GptOssModelConfig":
@@ -65,6 +68,18 @@ class GptOssModelConfig(ModelConfig):
                    swiglu_alpha=cfg.get("swiglu_alpha", 1.702),
                    sliding_window=cfg.get("sliding_window"),
                    layer_types=tuple(layer_types))
+
+    @property
+    def packed_experts(self) -> bool:
+        return self.keep_mxfp4
+
+    def served_with(self, quantization: str | None) -> "GptOssModelConfig":
+        if quantization is None:
+            return self
+        if quantization != "mxfp4" or self.quantization != "mxfp4":
+            raise ValueError(f"quantization {quantization!r} keeps MXFP4 experts packed, but "
+                             "this checkpoint's experts are not in MXFP4")
+        return replace(self, keep_mxfp4=True)
 
     def window(self, layer: int) -> int | None:
         """The span a layer's queries see: `sliding_window` tokens, or all (None)."""
@@ -103,12 +118,14 @@ class GptOssForCausalLM(LlamaForCausalLM):
                          router=partial(topk_softmax, top_k=cfg.num_experts_per_tok),
                          activation=partial(clamped_swiglu, limit=cfg.swiglu_limit,
                                             alpha=cfg.swiglu_alpha),
-                         router_bias=True, expert_bias=True)
+                         router_bias=True, expert_bias=True, mxfp4=cfg.keep_mxfp4)
 
     @staticmethod
     def layer_lora_targets(cfg: GptOssModelConfig, layer: int) -> dict[str, LoraTarget]:
-        """Attention, the router and the experts' projections (3-D: one delta per expert)."""
-        experts = expert_lora_targets(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts)
+        """Attention, the router and the experts' projections (3-D: one delta per expert),
+        unless the experts are kept packed."""
+        experts = ({} if cfg.keep_mxfp4 else
+                   expert_lora_targets(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts))
         return {**attention_lora_targets(cfg),
                 "mlp.router": LoraTarget(cfg.num_experts, cfg.hidden_size),
                 **{f"mlp.{name}": target for name, target in experts.items()}}

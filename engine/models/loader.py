@@ -1,7 +1,8 @@
 """Build a model from a Hugging Face safetensors directory (sharded or not).
 
 MXFP4 weights (gpt-oss checkpoints, `quant_method` "mxfp4") are dequantized as they are
-read; the progress bar counts a file's tensors, the dequantized ones included.
+read, unless the model keeps them packed (`ModelConfig.packed_experts`); the progress bar
+counts a file's tensors, the dequantized ones included.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _checkpoint_tensors(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    mxfp4 = Mxfp4Pairs(dtype, device) if cfg.quantization == "mxfp4" else None
+    dequantizes = cfg.quantization == "mxfp4" and not cfg.packed_experts
+    mxfp4 = Mxfp4Pairs(dtype, device) if dequantizes else None
     for path in files:
         with safe_open(path, framework="pt") as f:
             for hf_name in tqdm(list(f.keys()), desc=f"loading {path.name}", disable=not progress,

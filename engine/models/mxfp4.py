@@ -1,9 +1,6 @@
-"""MXFP4 expert weights, as gpt-oss checkpoints store them, dequantized once at load time.
-
-MXFP4 (the OCP microscaling format) keeps weights in groups of 32 that share one scale:
-- each weight is a 4-bit float, e2m1: a sign bit, two exponent bits and one mantissa
-  bit, so one of +-{0, 0.5, 1, 1.5, 2, 3, 4, 6} (`FP4_VALUES`, indexed by the 4 bits);
-- each group's scale is a power of two, stored as an 8-bit exponent biased by 127.
+"""MXFP4 expert weights, as gpt-oss checkpoints store them, dequantized once at load time
+(unless the model keeps them packed: `EngineConfig.quantization`). The format and its
+dequantization are kernels.mxfp4_ref's.
 
 A gpt-oss checkpoint holds, for each expert projection `<name>` (`gate_up_proj`,
 `down_proj`) of a layer:
@@ -13,11 +10,11 @@ A gpt-oss checkpoint holds, for each expert projection `<name>` (`gate_up_proj`,
 Dequantized, a projection is [E, out, in]; the model holds it input-major, [E, in, out]
 (transformers' `gate_up_proj` is [E, hidden, 2 * intermediate]), hence the transpose.
 
-This is transformers' `convert_moe_packed_tensors` (`transformers.integrations.mxfp4`)
-step for step, so the weights are bit-identical to what transformers serves. Keeping the
-packed form on the GPU with a matmul that reads it is a later step. `Mxfp4Pairs` is what
-the loader uses: it meets each projection's two tensors, in either order and in any
-shard, and dequantizes them on the model's device. An export writes the dequantized
+The dequantization is transformers' `convert_moe_packed_tensors`
+(`transformers.integrations.mxfp4`) step for step, so the weights are bit-identical to
+what transformers serves. `Mxfp4Pairs` is what the loader uses: it meets each
+projection's two tensors, in either order and in any shard, and dequantizes them on the
+model's device. An export writes the dequantized
 weights under the projection's own name (`dequantized_names`), as the hub's bf16
 checkpoints of these models have them.
 """
@@ -26,10 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.mxfp4_ref import dequantize
+
 BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
-SCALE_BIAS = 127
-FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
-              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 class Mxfp4Pairs:
@@ -83,17 +79,5 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
     weight = torch.empty(num_experts, num_groups * group_bytes * 2, out_dim, dtype=dtype,
                          device=blocks.device)
     for e in range(num_experts):
-        weight[e] = _dequantize_expert(blocks[e], scales[e], dtype).T
+        weight[e] = dequantize(blocks[e], scales[e], dtype).T
     return weight
-
-
-def _dequantize_expert(blocks: torch.Tensor, scales: torch.Tensor,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """blocks: [out, G, 16], scales: [out, G] -> [out, G * 32]."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    low, high = (blocks & 0x0F).long(), (blocks >> 4).long()    # [out, G, 16] each
-    # Each byte's two values side by side, the low nibble first: [out, G, 16, 2] -> [out, G, 32]
-    values = torch.stack((lut[low], lut[high]), dim=-1).flatten(-2)
-    exponents = scales.to(torch.int32)[..., None] - SCALE_BIAS   # [out, G, 1]
-    # values * 2 ** exponent, exact; written into `dtype` as transformers writes it.
-    return torch.ldexp(values, exponents).to(dtype).flatten(-2)

@@ -47,13 +47,14 @@ def parse_model_config(cfg: dict, generation_config: dict | None = None) -> Mode
     return model_class(cfg.get("model_type", "")).config_class.from_dict(cfg, generation_config)
 
 
-def load_model_config(model_dir: str | Path) -> ModelConfig:
-    """`config.json` of a model directory, with `generation_config.json`'s EOS ids."""
+def load_model_config(model_dir: str | Path, quantization: str | None = None) -> ModelConfig:
+    """`config.json` of a model directory, with `generation_config.json`'s EOS ids, as
+    served with `EngineConfig.quantization`."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     gen_path = model_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    return parse_model_config(cfg, gen)
+    return parse_model_config(cfg, gen).served_with(quantization)
 
 
 def lora_targets(cfg: ModelConfig) -> dict[str, LoraTarget]:

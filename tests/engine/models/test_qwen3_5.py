@@ -9,6 +9,7 @@ resume from the linear-attention states kept at their last block (engine.state_s
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -37,13 +38,15 @@ LAYOUTS = {**ENGINE_LAYOUTS,
 def model_dirs(hybrid_model_dirs, tmp_path_factory):
     """The tiny models; the vision-language one also carries an MTP head to be skipped, and
     the MoE text model comes again with its experts fused (`experts.gate_up_proj`)."""
-    vl_file = hybrid_model_dirs["qwen3_5-vl-tied"] / "model.safetensors"
-    tensors = load_file(vl_file)
+    # A copy: the session's directory is other tests' too.
+    vl_dir = shutil.copytree(hybrid_model_dirs["qwen3_5-vl-tied"],
+                             tmp_path_factory.mktemp("mtp") / "qwen3_5-vl-tied")
+    tensors = load_file(vl_dir / "model.safetensors")
     tensors["mtp.fc.weight"] = torch.full((64, 128), float("nan"))
-    save_file(tensors, vl_file, metadata={"format": "pt"})
+    save_file(tensors, vl_dir / "model.safetensors", metadata={"format": "pt"})
     fused = save_state_dict_copy(hybrid_model_dirs["qwen3_5_moe-text"],
                                  tmp_path_factory.mktemp("fused") / "qwen3_5_moe-text-fused")
-    return {**hybrid_model_dirs, "qwen3_5_moe-text-fused": fused}
+    return {**hybrid_model_dirs, "qwen3_5-vl-tied": vl_dir, "qwen3_5_moe-text-fused": fused}
 
 
 @pytest.fixture(scope="module")
