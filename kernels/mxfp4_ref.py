@@ -18,6 +18,8 @@ against it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -26,15 +28,19 @@ FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-# Each byte's two values, the low nibble's first: one lookup per byte, not per nibble.
-_BYTE_VALUES = torch.tensor([[FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]] for b in range(256)])
+@functools.cache
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: each byte's two values, the low nibble's first (one lookup per
+    byte, not per nibble), made once per device."""
+    pairs = [[FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]] for b in range(256)]
+    return torch.tensor(pairs, dtype=torch.float32, device=device)
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """blocks: uint8 [out, G, 16], scales: uint8 [out, G] -> the matrix [out, G * 32] in `dtype`."""
     out_dim, num_groups, _ = blocks.shape
-    lut = _BYTE_VALUES.to(blocks.device)                                  # [256, 2] float32
-    values = lut.index_select(0, blocks.flatten().int()).view(out_dim, num_groups, 32)
+    pairs = _byte_values(blocks.device).index_select(0, blocks.flatten().int())  # [out*G*16, 2]
+    values = pairs.view(out_dim, num_groups, 32)
     # values * 2 ** exponent in float32, as torch.ldexp (transformers' way) gives it, in two
     # exact powers of two: 2 ** exponent alone overflows at exponent 128 (scale 255).
     exponent = scales.to(torch.int32) - SCALE_BIAS                        # [out, G]
