@@ -177,16 +177,29 @@ class FusedExperts(nn.Module):
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x @ W[expert].T + b[expert] for the projection `name`; on the CPU through
-        oneDNN with each expert's matrix packed once, as engine.layers.linear does (MXFP4
-        experts: dequantized for this product alone, so that they stay packed)."""
+        oneDNN with each expert's matrix packed once, as engine.layers.linear does."""
         bias = getattr(self, name + "_bias")
         bias = None if bias is None else bias[expert]
-        if uses_onednn(x) and not self.mxfp4:
-            return onednn_linear(x, self._packed[name](getattr(self, name))[expert], bias)
-        weight = self.weight(name, expert, x.dtype)
+        if self.mxfp4:
+            return self._mxfp4_product(x, name, expert, bias)
+        weight = getattr(self, name)
         if self.batch_invariant and x.is_cuda:
-            return cuda_matmul(x, weight, bias)
-        return F.linear(x, weight, bias)
+            return cuda_matmul(x, weight[expert], bias)
+        if uses_onednn(x):
+            return onednn_linear(x, self._packed[name](weight)[expert], bias)
+        return F.linear(x, weight[expert], bias)
+
+    def _mxfp4_product(self, x: torch.Tensor, name: str, expert: int,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """The product with the expert's MXFP4 matrix as it is held: on CUDA the Triton
+        kernel reads it packed (its tiles fixed, so the batch-invariant mode's too); the
+        reference elsewhere dequantizes it for this product alone."""
+        blocks = getattr(self, name + "_blocks")[expert]
+        scales = getattr(self, name + "_scales")[expert]
+        if x.is_cuda:
+            from kernels.mxfp4 import mxfp4_linear  # imports triton, which CUDA machines have
+            return mxfp4_linear(x, blocks, scales, bias)
+        return mxfp4_ref.mxfp4_linear(x, blocks, scales, bias)
 
 
 def _weighted_sum(weights: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kernels_and_signatures() -> list:
-    from kernels import invariant_attention, invariant_matmul, logprobs, lora, penalties, sampling
+    from kernels import (
+        invariant_attention,
+        invariant_matmul,
+        logprobs,
+        lora,
+        mxfp4,
+        penalties,
+        sampling,
+    )
 
     sample_sig = {"logits_ptr": "*fp32", "stride": "i32", "temp_ptr": "*fp32",
                   "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
@@ -55,6 +63,10 @@ def _kernels_and_signatures() -> list:
                   **strides("tg", "tm", "bs", "bn", "br", "yt")}
     lora_fp32 = {"x_ptr": "*fp32", "a_ptr": "*fp32", "t_ptr": "*fp32"}
     lora_blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_K": lora.BLOCK_K}
+    mxfp4_sig = {"x_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16",
+                 "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_om": "i32"}
+    mxfp4_tiles = {"BLOCK_M": mxfp4.BLOCK_M, "BLOCK_N": mxfp4.BLOCK_N, "BLOCK_K": mxfp4.BLOCK_K}
     pivots = {"NUM_PIVOTS": sampling.NUM_PIVOTS, "BLOCK": sampling.BLOCK}
     bf16 = {"logits_ptr": "*bf16"}                                   # the sampler reads bf16 too
     return [
@@ -80,6 +92,10 @@ def _kernels_and_signatures() -> list:
         (lora._expand_kernel, expand_sig, lora_blocks),
         (lora._expand_kernel, {**expand_sig, "t_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
          lora_blocks),
+        (mxfp4._mxfp4_kernel, mxfp4_sig, {"HAS_BIAS": True, "FLOAT32": False, **mxfp4_tiles}),
+        (mxfp4._mxfp4_kernel, {**mxfp4_sig, "x_ptr": "*fp32", "bias_ptr": "*fp32",
+                               "out_ptr": "*fp32"},
+         {"HAS_BIAS": False, "FLOAT32": True, **mxfp4_tiles}),
     ]
 
 
