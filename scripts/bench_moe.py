@@ -77,6 +77,12 @@ def bench(layers: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     reference = layers["pokeserve"](x)
     for name, layer in layers.items():   # warm-up, and a check that all compute the same
         torch.testing.assert_close(layer(x), reference, atol=2e-2, rtol=2e-2, msg=name)
+    return time_in_turn(layers, x, rounds)
+
+
+def time_in_turn(layers: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each layer on x, each timed in turn, round after round
+    (a change of load on a shared machine falls on all alike)."""
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in tqdm(range(rounds), desc=f"{len(x)} tokens", leave=False):
         for name, layer in layers.items():

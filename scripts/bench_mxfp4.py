@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_moe import time_in_turn  # noqa: E402
+
 from engine.layers.moe import SparseMoE  # noqa: E402
 from engine.models.gpt_oss import clamped_swiglu, topk_softmax  # noqa: E402
 
@@ -60,14 +61,9 @@ def build_layers() -> dict[str, SparseMoE]:
 
 @torch.inference_mode()
 def bench(layers: dict[str, SparseMoE], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    torch.testing.assert_close(layers["packed"](x), layers["dequantized"](x), atol=2e-2, rtol=2e-2)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in tqdm(range(rounds), desc=f"{len(x)} tokens", leave=False):
-        for name, layer in layers.items():
-            start = time.perf_counter()
-            layer(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    torch.testing.assert_close(layers["packed"](x), layers["dequantized"](x), atol=2e-2,
+                               rtol=2e-2)                           # the same products
+    return time_in_turn(layers, x, rounds)
 
 
 def expert_bytes(layer: SparseMoE) -> int:
