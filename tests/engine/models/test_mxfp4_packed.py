@@ -27,8 +27,9 @@ from tests.engine.checkpoints.helpers import (
 from tests.engine.checkpoints.test_gpt_oss_adapter import service_adapter
 from tests.engine.models.parity import ENGINE_LAYOUTS, assert_engine_matches, transformers_outputs
 
-PACKED_LAYOUTS = {name: {**layout, "quantization": "mxfp4"}
-                  for name, layout in ENGINE_LAYOUTS.items()}
+PACKED_LAYOUTS = {name: {**layout, "quantization": "mxfp4"} for name, layout in {
+    **ENGINE_LAYOUTS, "batch-invariant": dict(block_size=4, num_kv_blocks=256,
+                                              batch_invariant=True)}.items()}
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
