@@ -39,6 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
                           max_queued_requests=args.max_queued_requests)
     try:
         EngineConfig(**engine_options(args))    # flags that cannot go together, before loading
+        if args.quantization:                   # and one the model has nothing for
+            from engine.models.default_model import fetch_default_model
+            from engine.models.registry import load_model_config
+
+            load_model_config(args.model or fetch_default_model(), args.quantization)
     except ValueError as exc:
         print(f"pokeserve serve: {exc}", file=sys.stderr)
         return 2

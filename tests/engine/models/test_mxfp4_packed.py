@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from api.cli import build_parser, engine_options
+from api.cli import build_parser, engine_options, main
 from engine.checkpoints.adapter import inspect_adapter
 from engine.checkpoints.errors import CheckpointInvalid
 from engine.checkpoints.merge import LoraManager
@@ -98,6 +98,14 @@ def test_packing_needs_an_mxfp4_checkpoint_of_a_family_that_has_one(tiny_harmony
         load_model_config(tiny_model_dirs["llama-gqa-untied"], "mxfp4")
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="int4")
+
+
+def test_serve_refuses_the_flag_for_a_model_without_mxfp4_experts(capsys, monkeypatch,
+                                                                   tiny_harmony_model_dir):
+    monkeypatch.setattr("api.server.serve", lambda *args: pytest.fail("serve started"))
+    assert main(["serve", "--model", str(tiny_harmony_model_dir), "--quantization",
+                 "mxfp4"]) == 2
+    assert "this checkpoint's experts are not in MXFP4" in capsys.readouterr().err
 
 
 def test_the_cli_flag_asks_for_packed_experts():
