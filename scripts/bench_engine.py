@@ -16,6 +16,7 @@ batch-invariant mode on (`inline+invariant`, ...), in turns within each round.
 
     .venv/bin/python scripts/bench_engine.py [--dtypes float32 bfloat16] [--num-prompts 64]
         [--cores process inline] [--repeats 1] [--batch-invariant] [--model DIR]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ def bench_generate(model, requests, batch_size: int, pad_id: int) -> float:
     for i in range(0, len(requests), batch_size):
         batch = requests[i:i + batch_size]
         width = max(len(p) for p, _ in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch],
+                           device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch],
+                            device=model.device)
         longest = max(m for _, m in batch)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
@@ -98,17 +101,18 @@ def with_loop_on_main_thread(engine: Engine, clients: Callable[[], T]) -> T:
     return results[0]
 
 
-def measure_mode(mode: str, model_dir, dtype: torch.dtype, requests, single) -> dict[str, float]:
+def measure_mode(mode: str, model_dir, dtype: torch.dtype, requests, single,
+                 device: str = "cpu") -> dict[str, float]:
     """mode: a core mode, `+invariant` for the batch-invariant mode."""
-    rates = _measure_new_engine(mode, model_dir, dtype, requests, single)
+    rates = _measure_new_engine(mode, model_dir, dtype, requests, single, device)
     gc.collect()      # an engine and its core refer to each other: free its KV cache now
     return rates
 
 
-def _measure_new_engine(mode: str, model_dir, dtype: torch.dtype, requests,
-                        single) -> dict[str, float]:
+def _measure_new_engine(mode: str, model_dir, dtype: torch.dtype, requests, single,
+                        device: str) -> dict[str, float]:
     core, _, numerics = mode.partition("+")
-    engine = Engine(model_dir, core=core, dtype=dtype, progress=False,
+    engine = Engine(model_dir, core=core, dtype=dtype, progress=False, device=device,
                     batch_invariant=numerics == "invariant")
     if core == "inline":
         return with_loop_on_main_thread(engine, lambda: measure_engine(engine, requests, single))
@@ -118,10 +122,12 @@ def _measure_new_engine(mode: str, model_dir, dtype: torch.dtype, requests,
         engine.shutdown()
 
 
-def measure_samples(model_dir, dtype: torch.dtype, n: int, prompt_len: int) -> None:
+def measure_samples(model_dir, dtype: torch.dtype, n: int, prompt_len: int,
+                    device: str = "cpu") -> None:
     """`n` samples of one prompt against one, max_tokens 1, with the default engine; no
     prefix caching, so that nothing but the shared prefill can save the prompt's work."""
-    engine = Engine(model_dir, dtype=dtype, enable_prefix_caching=False, progress=False)
+    engine = Engine(model_dir, dtype=dtype, enable_prefix_caching=False, progress=False,
+                    device=device)
     rng = random.Random(1)
     prompt = ModelInput.from_ints([rng.randrange(100, engine.model_config.vocab_size)
                                    for _ in range(prompt_len)])
@@ -151,7 +157,8 @@ def best_of(repeats: int, cores: list[str], measure: Callable[[str], dict[str, f
     return best
 
 
-def run(dtype_name: str, num_prompts: int, model_dir, modes: list[str], repeats: int) -> None:
+def run(dtype_name: str, num_prompts: int, model_dir, modes: list[str], repeats: int,
+        device: str = "cpu") -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
@@ -161,8 +168,8 @@ def run(dtype_name: str, num_prompts: int, model_dir, modes: list[str], repeats:
     prompt = requests[0][0]
     single = (prompt, min(128, max_len - len(prompt)))     # the batch-1 decode
     ours = best_of(repeats, modes,
-                   lambda core: measure_mode(core, model_dir, dtype, requests, single))
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+                   lambda core: measure_mode(core, model_dir, dtype, requests, single, device))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     theirs = {"mixed": bench_generate(hf, requests, 32, 2),
               "batch-1": bench_generate(hf, [single], 1, 2)}
     del hf
@@ -172,7 +179,7 @@ def run(dtype_name: str, num_prompts: int, model_dir, modes: list[str], repeats:
                   f"transformers {theirs[name]:8.1f} tok/s   ratio {rate / theirs[name]:5.2f}x"
                   + "".join(f"   {rate / ours[other][name]:5.2f}x of {other}"
                             for other in ours if other != mode), flush=True)
-    measure_samples(model_dir, dtype, 16, min(1000, max_len - 1))
+    measure_samples(model_dir, dtype, 16, min(1000, max_len - 1), device)
 
 
 def main() -> None:
@@ -187,14 +194,16 @@ def main() -> None:
                         help="rounds of the modes in turn; each mode's best round is shown")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="measure each core mode with the batch-invariant mode on too")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     modes = [m for core in args.cores
              for m in ([core, f"{core}+invariant"] if args.batch_invariant else [core])]
     model_dir = args.model or fetch_default_model()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}; model {model_dir}")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {where}, torch {torch.__version__}; model {model_dir}")
     for dtype_name in args.dtypes:
-        run(dtype_name, args.num_prompts, model_dir, modes, args.repeats)
+        run(dtype_name, args.num_prompts, model_dir, modes, args.repeats, args.device)
 
 
 if __name__ == "__main__":

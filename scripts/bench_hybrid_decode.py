@@ -63,23 +63,25 @@ def build(all_attention: bool, dtype: torch.dtype) -> Qwen3_5ForCausalLM:
     return model.to(dtype).eval()
 
 
-def decode_inputs(model, batch: int, context: int, dtype: torch.dtype):
+def decode_inputs(model, batch: int, context: int, dtype: torch.dtype,
+                  device: str | torch.device = "cpu"):
     """A step of `batch` decodes, each at position `context - 1` of its own blocks."""
     cfg = model.cfg
     blocks_per_seq = -(-context // BLOCK)
-    caches = allocate_kv_caches(cfg, batch * blocks_per_seq, BLOCK, dtype, "cpu", batch)
+    caches = allocate_kv_caches(cfg, batch * blocks_per_seq, BLOCK, dtype, device, batch)
     for cache in caches:
         for t in ([cache] if isinstance(cache, torch.Tensor) else [cache.conv, cache.recurrent]):
             t.normal_(0.0, 0.5)
-    tables = torch.arange(batch * blocks_per_seq).view(batch, blocks_per_seq)
+    tables = torch.arange(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq)
     last = context - 1
+    state_slots = (StateSlotMetadata.build(list(range(batch)), [False] * batch, batch, device)
+                   if cfg.linear_attention else None)
     meta = AttentionMetadata(
         slot_mapping=tables[:, last // BLOCK] * BLOCK + last % BLOCK, block_tables=tables,
         context_lens=[context] * batch, query_lens=[1] * batch, num_decodes=batch,
-        block_size=BLOCK,
-        state_slots=StateSlotMetadata.build(list(range(batch)), [False] * batch, batch, "cpu"))
-    ids = torch.randint(0, cfg.vocab_size, (batch,))
-    return ids, torch.full((batch,), last), caches, meta
+        block_size=BLOCK, state_slots=state_slots)
+    ids = torch.randint(0, cfg.vocab_size, (batch,), device=device)
+    return ids, torch.full((batch,), last, device=device), caches, meta
 
 
 def prefill_inputs(model, context: int, dtype: torch.dtype):

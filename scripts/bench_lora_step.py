@@ -10,7 +10,12 @@ products (`LoraSlots.add`: the shrink, the expand and the glue around them); the
 the base model's work.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_lora_step.py [--dtype bfloat16]
-        [--counts 1 4 16] [--requests 16] [--max-tokens 48]
+        [--counts 1 4 16] [--requests 16] [--max-tokens 48] [--device cuda] [--model DIR]
+
+On CUDA every timed span is synchronised first and last (the LoRA products run the Triton
+kernels there, so `shrink` and `expand`, the reference's, read 0). `--model`: another
+directory of the default model's shape (scripts/random_model.py makes one where the
+embedded model cannot be fetched).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import with_loop_on_main_thread  # noqa: E402
 from bench_evals import machine, make_checkpoints  # noqa: E402
+from bench_sampling import device_name  # noqa: E402
 
 from engine import Engine, SamplingParams  # noqa: E402
 from engine.layers.lora import LoraSlots  # noqa: E402
@@ -40,19 +46,23 @@ from kernels import lora_ref  # noqa: E402
 
 
 class Timers:
-    """Seconds spent in each timed function since the last `take`."""
+    """Seconds spent in each timed function since the last `take` (`sync` before each
+    reading of the clock: CUDA's work is asynchronous)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync=lambda: None) -> None:
         self.spent: dict[str, float] = defaultdict(float)
+        self.sync = sync
 
     def wrap(self, owner, name: str, label: str) -> None:
         inner = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            self.sync()
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
+                self.sync()
                 self.spent[label] += time.perf_counter() - start
         setattr(owner, name, timed)
 
@@ -66,11 +76,13 @@ def time_decode_forwards(model: torch.nn.Module, timers: Timers) -> list[dict[st
     records, started = [], {}
 
     def before(module, args):
+        timers.sync()
         timers.take()
         started["at"] = time.perf_counter()
 
     def after(module, args, output):
         meta = args[3]
+        timers.sync()
         spent = timers.take()
         if meta.num_decodes == len(meta.query_lens):
             records.append({**spent, "forward": time.perf_counter() - started["at"]})
@@ -112,19 +124,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="default: the embedded model")
     args = parser.parse_args()
-    timers = Timers()
+    cuda = torch.device(args.device).type == "cuda"
+    timers = Timers(torch.cuda.synchronize if cuda else lambda: None)
     timers.wrap(lora_ref, "shrink", "shrink")       # before the engine picks its LoRA ops
     timers.wrap(lora_ref, "expand", "expand")
     timers.wrap(LoraSlots, "add", "lora")
-    model_dir = fetch_default_model()
-    print(f"machine: {machine()}; model {model_dir.name}, {args.dtype}, LoRA rank {args.rank}")
+    model_dir = Path(args.model) if args.model else fetch_default_model()
+    where = device_name(torch.device(args.device)) if cuda else machine()
+    print(f"machine: {where}; model {model_dir.name}, {args.dtype}, LoRA rank {args.rank}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = make_checkpoints(model_dir, root, max(args.counts), args.rank)
         # The loop on this main thread, as the server's core runs it (in a background
         # thread the small products are several times slower: BENCHMARKS.md).
         engine = Engine(model_dir, core="inline", dtype=getattr(torch, args.dtype),
+                        device=args.device,
                         checkpoint_root=str(root), max_loras=max(args.counts),
                         enable_prefix_caching=False, progress=False)
         records = time_decode_forwards(engine.core.runner.model, timers)

@@ -82,12 +82,15 @@ def bench(layers: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
 
 def time_in_turn(layers: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median seconds per call of each layer on x, each timed in turn, round after round
-    (a change of load on a shared machine falls on all alike)."""
+    (a change of load on a shared machine falls on all alike); synchronised on CUDA."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in tqdm(range(rounds), desc=f"{len(x)} tokens", leave=False):
         for name, layer in layers.items():
+            sync()
             start = time.perf_counter()
             layer(x)
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -6,16 +6,16 @@ experts (scales of 2**-9 to 2**-6), the dequantized twin holding the same weight
 bfloat16 (so both compute the same products). For 1, 8 and 64 tokens, each side timed in
 turn round after round (median): what `--quantization mxfp4` costs a step in time for a
 quarter of the experts' memory. The packed side dequantizes each expert a step gives
-tokens to (kernels.mxfp4_ref), in plain PyTorch.
+tokens to (kernels.mxfp4_ref), in plain PyTorch; on CUDA it runs the Triton kernel
+that reads them packed (kernels/mxfp4.py).
 
-    .venv/bin/python scripts/bench_mxfp4.py [--tokens 1 8 64] [--rounds 10]
+    .venv/bin/python scripts/bench_mxfp4.py [--tokens 1 8 64] [--rounds 10] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_moe import time_in_turn  # noqa: E402
+from bench_sampling import device_name  # noqa: E402
 
 from engine.layers.moe import SparseMoE  # noqa: E402
 from engine.models.gpt_oss import clamped_swiglu, topk_softmax  # noqa: E402
@@ -74,16 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"device: {device_name(torch.device(args.device))}, torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    layers = build_layers()
+    layers = {name: layer.to(args.device) for name, layer in build_layers().items()}
     print("expert weights: " + ", ".join(f"{name} {expert_bytes(layer) / 1e6:.0f} MB"
                                          for name, layer in layers.items()))
     print("| tokens | dequantized ms | packed ms | packed / dequantized |\n|---|---|---|---|")
     for n in args.tokens:
         x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).bfloat16()
+        x = x.to(args.device)
         t = bench(layers, x, args.rounds)
         print(f"| {n} | {t['dequantized'] * 1e3:.1f} | {t['packed'] * 1e3:.1f} | "
               f"{t['packed'] / t['dequantized']:.1f}x |", flush=True)
