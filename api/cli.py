@@ -116,9 +116,9 @@ def _add_serve_parser(commands) -> None:
                             "checkpoints are then served merged, one per step")
     serve.add_argument("--quantization", "-q", choices=[q for q in QUANTIZATIONS if q],
                        default=None, help="mxfp4: keep gpt-oss's MXFP4 experts packed, a "
-                       "quarter of their bfloat16 memory (gpt-oss-120b on one GPU), each "
-                       "dequantized as a step uses it; their adapters are refused (default: "
-                       "dequantized once at load)")
+                       "quarter of their bfloat16 memory (gpt-oss-120b on one GPU), read "
+                       "packed on CUDA, dequantized per product elsewhere; adapters of the "
+                       "experts are refused (default: dequantized once at load)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse KV blocks of identical prompt prefixes")
     serve.add_argument("--max-loras", type=_positive_int, default=EngineConfig.max_loras,

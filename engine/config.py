@@ -188,8 +188,9 @@ class EngineConfig:
     # are the same bits every time it is merged.
     batch_invariant: bool = False
     # "mxfp4": gpt-oss's experts stay packed as the checkpoint has them, a quarter of their
-    # bfloat16 bytes (gpt-oss-120b fits one GPU), each dequantized as a step uses it
-    # (kernels.mxfp4_ref); None: dequantized once at load, faster and adaptable.
+    # bfloat16 bytes (gpt-oss-120b fits one GPU), read packed by a Triton kernel on CUDA
+    # and dequantized per product elsewhere (engine.layers.moe); None: dequantized once
+    # at load, and adaptable.
     quantization: str | None = None
 
     def __post_init__(self) -> None:

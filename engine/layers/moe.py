@@ -23,7 +23,8 @@ checkpoint's per-expert tensors copy straight into their rows, a LoRA delta `B @
 ([out, in]) adds to a slice without a transpose, and one expert's product reads one
 contiguous block of memory. With `mxfp4` the experts keep a gpt-oss checkpoint's MXFP4
 instead, `<proj>_blocks` [E, out, in / 32, 16] and `<proj>_scales` [E, out, in / 32]
-(kernels.mxfp4_ref), each expert's matrix dequantized when a step gives it tokens.
+(kernels.mxfp4_ref): on CUDA a Triton kernel reads them packed (kernels/mxfp4.py),
+elsewhere each expert's matrix is dequantized for the product a step gives it.
 """
 
 from __future__ import annotations
