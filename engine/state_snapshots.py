@@ -24,7 +24,6 @@ class StateSnapshots:
     def __init__(self, first_row: int, num_rows: int) -> None:
         """The rows [first_row, first_row + num_rows) of the state pool, all free."""
         assert num_rows > 0, "a hybrid model without kept states serves no prefix cache"
-        self.num_rows = num_rows
         self._free = list(range(first_row + num_rows - 1, first_row - 1, -1))   # lowest on top
         self._rows: OrderedDict[int, int] = OrderedDict()   # block hash -> row, LRU first
 

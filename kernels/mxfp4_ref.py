@@ -12,8 +12,8 @@ power-of-two scale is exact in bfloat16 and float32, so a dequantized matrix is 
 whatever the route (transformers' `convert_moe_packed_tensors` gives the same bits).
 
 `mxfp4_linear` is the reference product: it dequantizes the whole matrix, then one
-`F.linear`; a kernel that reads the packed bytes in its inner loop would be tested
-against it.
+`F.linear`. The Triton kernel that reads the packed bytes in its inner loop
+(kernels/mxfp4.py) is tested against it.
 """
 
 from __future__ import annotations

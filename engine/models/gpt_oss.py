@@ -118,13 +118,13 @@ class GptOssForCausalLM(LlamaForCausalLM):
                          router=partial(topk_softmax, top_k=cfg.num_experts_per_tok),
                          activation=partial(clamped_swiglu, limit=cfg.swiglu_limit,
                                             alpha=cfg.swiglu_alpha),
-                         router_bias=True, expert_bias=True, mxfp4=cfg.keep_mxfp4)
+                         router_bias=True, expert_bias=True, mxfp4=cfg.packed_experts)
 
     @staticmethod
     def layer_lora_targets(cfg: GptOssModelConfig, layer: int) -> dict[str, LoraTarget]:
         """Attention, the router and the experts' projections (3-D: one delta per expert),
         unless the experts are kept packed."""
-        experts = ({} if cfg.keep_mxfp4 else
+        experts = ({} if cfg.packed_experts else
                    expert_lora_targets(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts))
         return {**attention_lora_targets(cfg),
                 "mlp.router": LoraTarget(cfg.num_experts, cfg.hidden_size),
