@@ -59,7 +59,7 @@ def test_shutdown_ends_the_core_process(tiny_model_dirs):
     eng = Engine(tiny_model_dirs["llama-gqa-untied"], core="process", block_size=4,
                  num_kv_blocks=64, progress=False)
     resp = eng.sampling_client().sample(ModelInput.from_ints([5, 6]), 2,
-                                        SamplingParams(max_tokens=3)).result(timeout=60)
+                                        SamplingParams(max_tokens=3, stop=[])).result(timeout=60)
     assert [len(s.tokens) for s in resp.sequences] == [3, 3]
     pid = eng._core._proc.pid
     eng.shutdown()
