@@ -12,10 +12,17 @@ shapes the deltas.
 which the engine forces the format's end marker; the reasoning budget is the server's
 --reasoning-budget, else the request's token limit, else the context the prompt leaves.
 It applies only when the prompt opens the trace (not with `enable_thinking=false`).
+
+With `tools` (and tool_choice "auto", their default), the calls that the answer makes in
+the template's tool-call format (the server's --tool-call-parser, else the one the
+template asks for) come out of `content` into `tool_calls`, and a choice that made any
+and then stopped finishes with "tool_calls"; streamed, each call is one delta, sent
+whole once its end is generated. Without a known format the calls stay in the content.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
@@ -26,8 +33,9 @@ from api.logprobs import LogprobFormatter
 from api.protocol import ChatCompletionRequest, ChatRendering
 from api.sse import sse_response
 from api.state import Accepted, ResolvedModel, accept, server_state
-from engine import ReasoningOptions, RequestOutput
+from engine import ReasoningOptions, RequestOutput, ToolCallOptions
 from engine.text.reasoning import ReasoningFormat, thinking_budget
+from engine.text.tool_calls import ToolCall
 
 bp = Blueprint("chat", __name__)
 
@@ -43,7 +51,8 @@ def create_chat_completion() -> Response:
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
     reasoning = None if fmt is None else ReasoningOptions(
         fmt, separate=req.separate_reasoning, budget=_thinking_budget(job, len(prompt_ids)))
-    gen.submit([prompt_ids], job.params, req.n, job.model.checkpoint, reasoning)
+    gen.submit([prompt_ids], job.params, req.n, job.model.checkpoint, reasoning,
+               _tool_call_options(req, job.model, fmt))
     chat = _Chat(req, gen, LogprobFormatter(tokenizer))
     if req.stream:
         return sse_response(chat.chunks(), gen)
@@ -61,6 +70,22 @@ def _thinking_budget(job: Accepted, num_prompt_tokens: int) -> int | None:
     budget = next((limit for limit in limits if limit is not None),
                   max(0, job.engine.max_model_len - num_prompt_tokens))
     return thinking_budget(effort, budget)
+
+
+def _tool_call_options(req: ChatCompletionRequest, model: ResolvedModel,
+                       fmt: ReasoningFormat | None) -> ToolCallOptions | None:
+    """How the answer's tool calls are parsed; None where they stay in the content (no
+    tools, tool_choice "none", or no format known for the template)."""
+    if not req.parses_tool_calls:
+        return None
+    tool_format = server_state().tool_call_format(model)
+    if tool_format is None:
+        return None
+    if tool_format.reasoning is not None and tool_format.reasoning is not fmt:
+        raise APIError(400, f"the {tool_format.name} tool-call format is read through the "
+                       f"{tool_format.reasoning.name} reasoning format, which this request's "
+                       "template does not write", param="tools")
+    return ToolCallOptions(tool_format, req.tools)
 
 
 def render_chat_prompt(req: ChatRendering, messages: list[dict],
@@ -115,17 +140,20 @@ class _Chat:
 
     def response(self) -> dict:
         texts = [["", ""] for _ in self.gen.choices]   # [reasoning, content] per choice
+        calls: list[list[ToolCall]] = [[] for _ in self.gen.choices]
         logprobs: list[list[dict]] = [[] for _ in self.gen.choices]
         try:
             for choice, out in self.gen.outputs():
                 texts[choice.index][0] += out.reasoning
                 texts[choice.index][1] += out.content
+                calls[choice.index] += out.tool_calls
                 logprobs[choice.index] += self._logprobs(out)
         finally:
             self.gen.abort()
-        choices = [{"index": c.index, "message": _message(*texts[c.index]),
+        choices = [{"index": c.index, "message": _message(*texts[c.index], calls[c.index]),
                     "logprobs": {"content": logprobs[c.index]} if self.req.logprobs else None,
-                    "finish_reason": c.finish_reason} for c in self.gen.choices]
+                    "finish_reason": _finish_reason(c.finish_reason, bool(calls[c.index]))}
+                   for c in self.gen.choices]
         return {**self._envelope("chat.completion", choices), "usage": self.gen.usage()}
 
     def chunks(self) -> Iterator[dict]:
@@ -136,30 +164,50 @@ class _Chat:
                                            "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]), **usage}
         pending: list[list[dict]] = [[] for _ in self.gen.choices]   # logprobs not yet sent
+        num_calls = [0] * len(self.gen.choices)
         for choice, out in self.gen.outputs():
             pending[choice.index] += self._logprobs(out)
-            # Reasoning and content released together go out as two chunks, reasoning
-            # first, so that no chunk mixes the two.
+            # Reasoning, content and each call released together go out as chunks of their
+            # own, in that order, so that no chunk mixes them.
             deltas = [d for d in (_delta(reasoning=out.reasoning), _delta(content=out.content)) if d]
+            for call in out.tool_calls:
+                deltas.append({"tool_calls": [_tool_call(call, num_calls[choice.index])]})
+                num_calls[choice.index] += 1
             if out.finished and not deltas:
                 deltas = [{}]
             for k, delta in enumerate(deltas):
                 last = k == len(deltas) - 1
                 logprobs = {"content": pending[choice.index]} if self.req.logprobs else None
                 pending[choice.index] = []
+                finish_reason = _finish_reason(out.finish_reason, num_calls[choice.index] > 0)
                 yield {**self._envelope(obj, [{
                     "index": choice.index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": out.finish_reason if out.finished and last else None}]),
+                    "finish_reason": finish_reason if out.finished and last else None}]),
                     **usage}
         if self.req.include_usage:
             yield {**self._envelope(obj, []), "usage": self.gen.usage()}
 
 
-def _message(reasoning: str, content: str) -> dict:
+def _message(reasoning: str, content: str, calls: list[ToolCall]) -> dict:
     # `reasoning` mirrors `reasoning_content` (vLLM's newer name), so either client works.
     trace = reasoning or None
-    return {"role": "assistant", "content": content, "reasoning_content": trace,
-            "reasoning": trace}
+    message = {"role": "assistant", "content": content, "reasoning_content": trace,
+               "reasoning": trace}
+    if calls:   # as OpenAI answers a call: no content is null, not ""
+        message.update(content=content or None, tool_calls=[_tool_call(c) for c in calls])
+    return message
+
+
+def _tool_call(call: ToolCall, index: int | None = None) -> dict:
+    """A call as OpenAI writes it; `index` (the call's place in the choice) when streamed."""
+    written = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+               "function": {"name": call.name, "arguments": call.arguments}}
+    return written if index is None else {"index": index, **written}
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """A choice that called tools and then stopped finished to have them run."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _delta(reasoning: str = "", content: str = "") -> dict:

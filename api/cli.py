@@ -10,6 +10,7 @@ from engine.config import LORA_MODES, QUANTIZATIONS, EngineConfig
 from engine.models.default_model import FetchError, fetch_default_model, pokeserve_home
 from engine.text.reasoning import REASONING_EFFORTS
 from engine.text.reasoning_formats import REASONING_FORMATS
+from engine.text.tool_call_formats import TOOL_CALL_FORMATS
 
 API_KEY_ENV = "POKESERVE_API_KEY"
 _EFFORTS = ", ".join(f"{name}={value}" for name, value in REASONING_EFFORTS.items())
@@ -36,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
                           served_model_names=tuple(args.served_model_name or ()),
                           reasoning_parser=args.reasoning_parser,
                           reasoning_budget=args.reasoning_budget,
-                          max_queued_requests=args.max_queued_requests)
+                          max_queued_requests=args.max_queued_requests,
+                          tool_call_parser=args.tool_call_parser)
     try:
         EngineConfig(**engine_options(args))    # flags that cannot go together, before loading
         if args.quantization:                   # and one the model has nothing for
@@ -145,6 +147,10 @@ def _add_serve_parser(commands) -> None:
                        "ceil(effort * budget) tokens before the end of thinking is forced "
                        "(default: the request's max_completion_tokens or max_tokens, else "
                        "the context the prompt leaves)")
+    serve.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_FORMATS), default=None,
+                       help="the format models write tool calls in, parsed out of chat "
+                       "answers into tool_calls (default: detected from the chat template in "
+                       "use; none detected: calls stay in the content)")
     serve.add_argument("--max-queued-requests", type=_positive_int, default=None,
                        help="answer 429 while this many requests already wait for the "
                        "engine (default: no limit)")

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from api.errors import ClientGone, engine_error, generation_error
 from api.metrics import Metrics
-from engine import Engine, ReasoningOptions, RequestOutput, RequestStream, SamplingParams
+from engine import (
+    Engine,
+    ReasoningOptions,
+    RequestOutput,
+    RequestStream,
+    SamplingParams,
+    ToolCallOptions,
+)
 from engine.checkpoints.store import CheckpointInfo
 
 # How often a waiting request thread checks whether its client disconnected.
@@ -51,7 +58,8 @@ class Generation:
         self.num_prompt_tokens = 0
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
-               checkpoint: CheckpointInfo | None, reasoning: ReasoningOptions | None = None) -> None:
+               checkpoint: CheckpointInfo | None, reasoning: ReasoningOptions | None = None,
+               tool_calls: ToolCallOptions | None = None) -> None:
         """Queue `n` samples of every prompt (each prompt is computed once for all its
         samples); a refusal aborts those already queued (400)."""
         self.n = n
@@ -59,7 +67,8 @@ class Generation:
             for p, prompt_ids in enumerate(prompts):
                 streams = self.engine.add_request(prompt_ids, params, num_samples=n,
                                                   request_id=f"{self.id}-{p}",
-                                                  checkpoint=checkpoint, reasoning=reasoning)
+                                                  checkpoint=checkpoint, reasoning=reasoning,
+                                                  tool_calls=tool_calls)
                 self.choices += [Choice(len(self.choices) + i, p, stream.request_id, stream,
                                         time.monotonic()) for i, stream in enumerate(streams)]
         except ValueError as exc:

@@ -42,11 +42,45 @@ def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in _TEXT_FIELDS:
             if message.get(key) is not None and not isinstance(message[key], str):
                 raise ValueError(f"{where}.{key} must be a string")
-        calls = message.get("tool_calls")
-        if calls is not None and not (isinstance(calls, list)
-                                      and all(isinstance(c, dict) for c in calls)):
-            raise ValueError(f"{where}.tool_calls must be a list of objects")
+        if message.get("tool_calls") is not None:
+            messages[i] = {**message, "tool_calls": _template_tool_calls(
+                message["tool_calls"], f"{where}.tool_calls")}
     return messages
+
+
+def _template_tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's calls as chat templates read them: OpenAI sends each call's
+    arguments as JSON text, templates (Qwen3.5's, gpt-oss's) iterate them as an object."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise ValueError(f"{where} must be a list of objects")
+    read = []
+    for j, call in enumerate(calls):
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"{where}[{j}].function must be an object with a name")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}[{j}].function.arguments must be a JSON object")
+        read.append({**call, "function": {**function, "arguments": arguments}})
+    return read
+
+
+def _check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    for i, tool in enumerate(tools or ()):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict):
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                             "{...}}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return tools
 
 
 def _check_content(content: Any, where: str) -> None:
@@ -189,7 +223,8 @@ class ChatRendering(_Request):
     """How chat messages are rendered into a prompt: what chat and /tokenize share."""
 
     model: str | None = None
-    tools: list[dict[str, Any]] | None = Field(None, max_length=limits.MAX_TOOLS)
+    tools: Annotated[list[dict[str, Any]] | None, Field(max_length=limits.MAX_TOOLS),
+                     AfterValidator(_check_tools)] = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -212,9 +247,29 @@ class ChatCompletionRequest(_GenerationRequest, ChatRendering):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     separate_reasoning: bool = True
     response_format: dict[str, Any] | None = None   # accepted; not enforced
+    tool_choice: str | dict[str, Any] | None = None   # "auto" where tools are given
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether the answer's tool calls are taken out into `tool_calls`."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    def _check_tool_choice(self) -> None:
+        choice = self.tool_choice
+        if choice == "required" or isinstance(choice, dict):
+            raise APIError(400, "tool_choice \"required\" or a named function needs decoding "
+                           "constrained to the tools, which pokeserve does not do; use "
+                           "\"auto\" or \"none\"", param="tool_choice")
+        if choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice must be \"none\", \"auto\", \"required\" or "
+                           "a named function", param="tool_choice")
+        if choice == "auto" and not self.tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given",
+                           param="tool_choice")
 
     def to_sampling_params(self) -> SamplingParams:
         self.check()
+        self._check_tool_choice()
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(400, "add_generation_prompt and continue_final_message cannot both "
                            "be true", param="continue_final_message")

@@ -1,6 +1,7 @@
 """What every route shares: the server's options, the engine (once loaded), the metrics,
 and the resolution of a request's `model` to the base model or a checkpoint, with the
-chat template that goes with it, and the reasoning format of the template in use."""
+chat template that goes with it, and the reasoning and tool-call formats of the template
+in use."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from engine.checkpoints.store import CheckpointInfo
 from engine.sampling_params import SamplingParams
 from engine.text.reasoning import PROBE_MESSAGES, ReasoningFormat
 from engine.text.reasoning_formats import detect_reasoning_format, reasoning_format_by_name
+from engine.text.tool_call_formats import detect_tool_call_format, tool_call_format_by_name
+from engine.text.tool_calls import PROBE_TOOLS, ToolCallFormat
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,13 @@ class ServerConfig:
     reasoning_budget: int | None = None   # tokens reasoning_effort=1 allows; default: the
                                           # request's token limit, else the context left
     max_queued_requests: int | None = None   # 429 once this many wait for the engine
+    tool_call_parser: str | None = None   # a tool-call format's name; default: from the template
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None:
             reasoning_format_by_name(self.reasoning_parser)   # ValueError naming the known ones
+        if self.tool_call_parser is not None:
+            tool_call_format_by_name(self.tool_call_parser)
         if self.reasoning_budget is not None and self.reasoning_budget < 1:
             raise ValueError(f"reasoning_budget must be at least 1, got {self.reasoning_budget}")
 
@@ -103,6 +109,15 @@ class ServerState:
         return detect_reasoning_format(lambda thinking: tokenizer.render_chat(
             list(PROBE_MESSAGES), chat_template=model.chat_template, tools=tools,
             enable_thinking=thinking))
+
+    def tool_call_format(self, model: ResolvedModel) -> ToolCallFormat | None:
+        """The server's --tool-call-parser, else the format that the template in use (the
+        checkpoint's own, else the model's) asks for when it is given tools."""
+        if self.config.tool_call_parser is not None:
+            return tool_call_format_by_name(self.config.tool_call_parser)
+        tokenizer = self.engine.tokenizer
+        return detect_tool_call_format(lambda: tokenizer.render_chat(
+            list(PROBE_MESSAGES), chat_template=model.chat_template, tools=list(PROBE_TOOLS)))
 
     def model_cards(self) -> list[dict]:
         """`/v1/models` entries: the base model's names, then every complete checkpoint."""

@@ -17,6 +17,7 @@ _EXPORTS = {
     "SampledSequence": "engine.client", "SamplingClient": "engine.client",
     "RequestOutput": "engine.outputs", "RequestStream": "engine.outputs",
     "SamplingParams": "engine.sampling_params", "ReasoningOptions": "engine.text.pipeline",
+    "ToolCallOptions": "engine.text.pipeline",
 }
 __all__ = list(_EXPORTS)
 

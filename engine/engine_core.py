@@ -148,7 +148,8 @@ class EngineCore:
                            checkpoint=msg.checkpoint, checkpoint_version=msg.checkpoint_version,
                            arrival=self._arrivals)
             try:
-                pipeline = TextPipeline(self.tokenizer, seq.prompt_ids, msg.params, msg.reasoning)
+                pipeline = TextPipeline(self.tokenizer, seq.prompt_ids, msg.params,
+                                        msg.reasoning, msg.tool_calls)
             except Exception as exc:
                 self._outbox.append(self._error(sample_id, exc))
                 continue
@@ -202,7 +203,8 @@ class EngineCore:
         self.scheduler.force(seq, pipeline.take_forced_ids())
         out = RequestOutput(seq.request_id, [result.token_id], [result.logprob],
                             [result.top_logprobs] if seq.params.logprobs else None,
-                            delta.text, delta.reasoning, delta.content, pipeline.reasoning_tokens,
+                            text=delta.text, reasoning=delta.reasoning, content=delta.content,
+                            tool_calls=delta.tool_calls, reasoning_tokens=pipeline.reasoning_tokens,
                             prompt_logprobs=update.prompt_logprobs,
                             prompt_top_logprobs=update.prompt_top_logprobs)
         if len(seq.output_ids) == 1:

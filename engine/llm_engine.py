@@ -32,7 +32,7 @@ from engine.models.default_model import fetch_default_model
 from engine.models.registry import load_model_config
 from engine.outputs import EngineStats, ErrorKind, RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
-from engine.text.pipeline import ReasoningOptions
+from engine.text.pipeline import ReasoningOptions, ToolCallOptions
 from engine.text.tokenizer import Tokenizer
 
 CORE_MODES = ("process", "thread", "inline")
@@ -78,7 +78,8 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, *,
                     num_samples: int = 1, request_id: str | None = None,
                     checkpoint: CheckpointInfo | None = None,
-                    reasoning: ReasoningOptions | None = None) -> list[RequestStream]:
+                    reasoning: ReasoningOptions | None = None,
+                    tool_calls: ToolCallOptions | None = None) -> list[RequestStream]:
         """Queue `num_samples` samples of one prompt, one stream each; sample i of request
         R is `R-i`. `checkpoint` is resolved already (`self.checkpoints.resolve`); None
         serves the base model. Raises ValueError at once for a bad prompt or parameters."""
@@ -88,7 +89,7 @@ class Engine:
         msg = AddRequest([s.request_id for s in streams], list(prompt_ids), params,
                          [_sample_seed(params.seed, i) for i in range(num_samples)],
                          checkpoint.path if checkpoint else None,
-                         checkpoint.created if checkpoint else 0.0, reasoning)
+                         checkpoint.created if checkpoint else 0.0, reasoning, tool_calls)
         with self._lock:
             if not self._alive:
                 raise RuntimeError("the engine is not running")

@@ -10,7 +10,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.text.pipeline import ReasoningOptions
+from engine.text.pipeline import ReasoningOptions, ToolCallOptions
 
 # ---- caller -> core -------------------------------------------------------------------
 
@@ -35,6 +35,7 @@ class AddRequest:
     checkpoint: Path | None = None       # the resolved checkpoint directory; None: the base
     checkpoint_version: float = 0.0      # when it was completed: a re-saved checkpoint is new
     reasoning: ReasoningOptions | None = None
+    tool_calls: ToolCallOptions | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import enum
 import queue
 from dataclasses import dataclass, field
 
+from engine.text.tool_calls import ToolCall
+
 # (token_id, logprob) pairs, most likely first.
 TopLogprobs = list[tuple[int, float]]
 
@@ -57,6 +59,7 @@ class RequestOutput:
     text: str = ""                                     # newly released text
     reasoning: str = ""                                # of it, the reasoning trace (when split)
     content: str = ""                                  # of it, the answer
+    tool_calls: list[ToolCall] = field(default_factory=list)   # calls the answer completed
     reasoning_tokens: int = 0                          # so far: the trace's tokens
     finished: bool = False
     finish_reason: str | None = None                   # "stop" | "length" | "abort" | "error"

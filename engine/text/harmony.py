@@ -17,8 +17,17 @@ The markers are special tokens, which detokenization drops, so the split works o
 ids: `HarmonySplitter` follows the messages token by token, decodes each body on its
 own, and sends analysis bodies to reasoning and every other channel's to content, with
 no markup left. A marker is one token, so no text waits for a marker to complete; only a
-header waits for its `<|message|>`, which says where the body goes. Parsing tool calls
-out of `commentary` is not done here: their bodies are content.
+header waits for its `<|message|>`, which says where the body goes.
+
+A tool call is a message whose header names a function as its recipient:
+
+    <|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json
+    <|message|>{"city": "Paris"}<|call|>
+
+With tool calls asked for (`HarmonyToolCalls`, the `openai` tool-call format), such a
+message's body is held and becomes a `ToolCall` when the message ends, its arguments the
+body's JSON (the body as written, if it is not JSON); a call that the end cuts off is
+content. Without, its body is content like any other channel's.
 
 `reasoning_effort` is native to gpt-oss (the template writes `Reasoning: low|medium|high`
 into its system message): `harmony_effort` maps the engine's effort fraction onto the
@@ -33,8 +42,9 @@ import re
 from collections.abc import Iterable, Sequence
 
 from engine.text.detokenizer import IncrementalDetokenizer
-from engine.text.reasoning import ReasoningFormat
+from engine.text.reasoning import ReasoningFormat, TraceSplitter
 from engine.text.tokenizer import Tokenizer
+from engine.text.tool_calls import ToolCall, ToolCallFormat, ToolCallParser, json_arguments
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 RETURN, CALL = "<|return|>", "<|call|>"
@@ -45,6 +55,7 @@ FORCED_FINAL = f"{END}{START}assistant{CHANNEL}final{MESSAGE}"
 GENERATION_PROMPT = f"{START}assistant"
 INLINE_SEPARATOR = "\n\n"   # between messages when the trace stays inline in content
 _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([\w-]+)")
+_FUNCTION_RECIPIENT = re.compile(r"to=functions\.([^\s<]+)")
 
 # gpt-oss's three levels, each with the effort fraction it stops below (so the API's
 # names land where they should: minimal 0.01 and low 0.3 -> low, medium 0.6, high 0.9).
@@ -117,6 +128,10 @@ class HarmonySplitter:
         self._header: list[int] = []
         self._channel: str | None = None
         self._body: IncrementalDetokenizer | None = None
+        self.calls_tools = False       # set by HarmonyToolCalls: function messages are calls
+        self._call: str | None = None  # the function the current body calls
+        self._call_args: list[str] = []
+        self._calls: list[ToolCall] = []
         self._answered = False        # a message on a channel other than analysis began
         self._body_released = False   # the current body has released text
         self._released = False        # some body has
@@ -141,9 +156,20 @@ class HarmonySplitter:
         """Take the next output tokens; return the (reasoning, content) they release."""
         reasoning, content = [], []
         for token in token_ids:
-            text = self._released_text(self._step(token))
+            text = self._step(token)
+            if self._call is not None:
+                self._call_args.append(text)
+                if self._phase is not _Phase.BODY:   # the call's message ended
+                    self._end_call()
+                continue
+            text = self._released_text(text)
             (reasoning if self._is_reasoning() else content).append(text)
         return "".join(reasoning), "".join(content)
+
+    def take_tool_calls(self) -> list[ToolCall]:
+        """The calls whose messages ended since the last take."""
+        calls, self._calls = self._calls, []
+        return calls
 
     def feed_token(self, token_id: int, text: str) -> tuple[str, str]:
         """`feed` for one token (the TraceSplitter interface): its text is not needed,
@@ -154,7 +180,10 @@ class HarmonySplitter:
         """The output is complete (or cut off): release the text still held back."""
         if self._phase is not _Phase.BODY:
             return "", ""   # an unfinished header holds no text
-        text = self._released_text(self._body.flush())
+        text = self._body.flush()
+        if self._call is not None:     # cut off: the call is content, as written
+            text, self._call = "".join(self._call_args) + text, None
+        text = self._released_text(text)
         return (text, "") if self._is_reasoning() else ("", text)
 
     def _is_reasoning(self) -> bool:
@@ -171,7 +200,7 @@ class HarmonySplitter:
             return ""
         if self._phase is _Phase.HEADER:
             if token == self._message:
-                self._open_body(self._channel_of(self._header))
+                self._open_body(*self._route_of(self._header))
             else:
                 self._header.append(token)
             return ""
@@ -181,8 +210,9 @@ class HarmonySplitter:
             self.reasoning_tokens += 1
         return self._body.add(token)
 
-    def _open_body(self, channel: str | None) -> None:
+    def _open_body(self, channel: str | None, call: str | None = None) -> None:
         self._phase, self._channel = _Phase.BODY, channel
+        self._call, self._call_args = (call if self.calls_tools else None), []
         self._answered |= channel != REASONING_CHANNEL
         self._body = IncrementalDetokenizer(self._tokenizer, [])
         self._body_released = False
@@ -195,7 +225,46 @@ class HarmonySplitter:
             self._body_released = self._released = True
         return text
 
-    def _channel_of(self, header: list[int]) -> str | None:
-        """`assistant<|channel|>analysis to=...` -> "analysis"; None when no channel is named."""
-        match = _CHANNEL_NAME.search(self._tokenizer.decode(header, skip_special_tokens=False))
-        return match.group(1) if match else None
+    def _end_call(self) -> None:
+        self._calls.append(ToolCall(self._call, json_arguments("".join(self._call_args))))
+        self._call = None
+
+    def _route_of(self, header: list[int]) -> tuple[str | None, str | None]:
+        """`assistant<|channel|>commentary to=functions.f` -> ("commentary", "f"): the
+        channel named (None if none) and the function the message calls (None if none)."""
+        text = self._tokenizer.decode(header, skip_special_tokens=False)
+        channel, function = _CHANNEL_NAME.search(text), _FUNCTION_RECIPIENT.search(text)
+        return channel and channel.group(1), function and function.group(1)
+
+
+class HarmonyToolCalls(ToolCallFormat):
+    """The `openai` tool-call format: calls are harmony messages to `functions.*`, read
+    off the token ids by the output's HarmonySplitter."""
+
+    name = "openai"
+    reasoning = HARMONY
+
+    def writes(self, prompt: str) -> bool:
+        return renders_harmony(prompt)
+
+    def parser(self, tools: list[dict], splitter: TraceSplitter | None) -> ToolCallParser:
+        if not isinstance(splitter, HarmonySplitter):
+            raise ValueError("harmony tool calls are read through the harmony reasoning format")
+        splitter.calls_tools = True
+        return _SplitterCalls(splitter)
+
+
+class _SplitterCalls:
+    """The ToolCallParser of harmony: the splitter holds calls out of the content itself."""
+
+    def __init__(self, splitter: HarmonySplitter) -> None:
+        self._splitter = splitter
+
+    def feed(self, content: str) -> tuple[str, list[ToolCall]]:
+        return content, self._splitter.take_tool_calls()
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        return "", self._splitter.take_tool_calls()
+
+
+HARMONY_TOOL_CALLS = HarmonyToolCalls()

@@ -10,7 +10,9 @@ Per token, in order:
 3. the stop checker releases what of the content can no longer be part of a stop string,
    and says when one completes (stop strings count only from `min_tokens` on, as in
    vLLM). Stop strings apply to the answer: a trace that mentions one goes on;
-4. once the trace has used its thinking budget, the pipeline asks for the format's
+4. where the request's tools may be called, the tool-call format's parser takes the
+   calls out of the released content (engine/text/tool_calls.py);
+5. once the trace has used its thinking budget, the pipeline asks for the format's
    forced end marker as the next tokens (`take_forced_ids`).
 
 Token-level ends (EOS, stop token ids, length) are the scheduler's to decide; it tells
@@ -20,13 +22,14 @@ the engine loop, so the reasoning trace is split once, where the budget is count
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
 from engine.text.reasoning import ReasoningFormat, TraceSplitter
 from engine.text.stop_checker import StopChecker
 from engine.text.tokenizer import Tokenizer
+from engine.text.tool_calls import ToolCall, ToolCallFormat, ToolCallParser
 
 # Prompt tokens decoded to see how the prompt ends (inside an open trace, after a closed one).
 _PROMPT_TAIL_TOKENS = 16
@@ -46,13 +49,22 @@ class ReasoningOptions:
             raise ValueError(f"the thinking budget must be >= 0, got {self.budget}")
 
 
+@dataclass(frozen=True)
+class ToolCallOptions:
+    """The tools one request's output may call, and the format the model calls them in."""
+
+    format: ToolCallFormat
+    tools: list[dict]            # the request's tools (their parameters' JSON schemas)
+
+
 @dataclass
 class TextDelta:
     """What one token releases."""
 
     reasoning: str = ""             # the trace (when separated)
-    content: str = ""               # the answer, stop strings applied
+    content: str = ""               # the answer, stop strings applied, tool calls taken out
     stop_string: str | None = None  # a stop string completed: the sequence ends here
+    tool_calls: list[ToolCall] = field(default_factory=list)   # calls completed
 
     @property
     def text(self) -> str:
@@ -62,7 +74,8 @@ class TextDelta:
 
 class TextPipeline:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 reasoning: ReasoningOptions | None = None) -> None:
+                 reasoning: ReasoningOptions | None = None,
+                 tool_calls: ToolCallOptions | None = None) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopChecker(params.stop_strings, params.include_stop_str_in_output)
         self.params = params
@@ -79,6 +92,8 @@ class TextPipeline:
                 self._end_ids = tokenizer.encode(fmt.forced_end, add_special_tokens=False)
         self._forced: list[int] = []
         self._check_budget()
+        self.tool_calls: ToolCallParser | None = None if tool_calls is None else \
+            tool_calls.format.parser(tool_calls.tools, self.splitter)
 
     @property
     def reasoning_tokens(self) -> int:
@@ -103,6 +118,8 @@ class TextPipeline:
             delta.content, delta.stop_string = self.stops.feed(content)
             if ended_by is not None and delta.stop_string is None:
                 delta.content += self.stops.flush()
+        ends = ended_by is not None or delta.stop_string is not None
+        delta.content, delta.tool_calls = self._take_tool_calls(delta.content, ends)
         self._check_budget()
         return delta
 
@@ -120,6 +137,15 @@ class TextPipeline:
             last_reasoning, last_content = self.splitter.finish()
             reasoning, content = reasoning + last_reasoning, content + last_content
         return reasoning, content
+
+    def _take_tool_calls(self, content: str, final: bool) -> tuple[str, list[ToolCall]]:
+        if self.tool_calls is None:
+            return content, []
+        content, calls = self.tool_calls.feed(content)
+        if final:
+            last_content, last_calls = self.tool_calls.finish()
+            content, calls = content + last_content, calls + last_calls
+        return content, calls
 
     def _check_budget(self) -> None:
         if self._budget is None:

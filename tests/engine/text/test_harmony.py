@@ -12,15 +12,20 @@ import pytest
 
 from engine.text.harmony import (
     FORCED_FINAL,
+    HARMONY_TOOL_CALLS,
     HarmonySplitter,
     harmony_effort,
     renders_harmony,
 )
 from engine.text.reasoning import parse_reasoning_effort, thinking_budget
 from engine.text.tokenizer import Tokenizer
+from engine.text.tool_calls import ToolCall
 
 ANALYSIS = "<|channel|>analysis<|message|>"
 FINAL = "<|end|><|start|>assistant<|channel|>final<|message|>"
+CALL = ('<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather '
+        '<|constrain|>json<|message|>{"location": "Paris"}<|call|>')
+WEATHER = ToolCall("get_weather", '{"location": "Paris"}')
 
 # (name, output text, expected reasoning, expected content); the prompt ends <|start|>assistant.
 CASES = [
@@ -36,9 +41,8 @@ CASES = [
     ("final-only", "<|channel|>final<|message|>just the answer<|return|>", "", "just the answer"),
     ("multi-byte-characters", f"{ANALYSIS}café über{FINAL}über café<|return|>",
      "café über", "über café"),
-    ("tool-call-header", f"{ANALYSIS}call it<|end|><|start|>assistant<|channel|>commentary "
-     'to=functions.get_weather <|constrain|>json<|message|>{"location": "Paris"}<|call|>',
-     "call it", '{"location": "Paris"}'),
+    # Without tool calls asked for, a call's body is content like any other.
+    ("tool-call-header", f"{ANALYSIS}call it{CALL}", "call it", '{"location": "Paris"}'),
     ("recipient-before-channel", f"{ANALYSIS}call<|end|><|start|>assistant to=functions.x"
      "<|channel|>commentary json<|message|>{}<|call|>", "call", "{}"),
     ("text-outside-messages", f"{ANALYSIS}think<|end|>stray", "think", "stray"),
@@ -190,3 +194,54 @@ def test_a_body_cut_inside_a_character_ends_as_decode_ends_it(tokenizer, prompt_
         released = _split(tokenizer, prompt_ids, pieces)
         assert "".join(r for r, _ in released) == tokenizer.decode(body)
         assert "".join(c for _, c in released) == "four"
+
+
+# (name, output, expected reasoning, content, calls) with tool calls asked for.
+CALL_CASES = [
+    ("a-call-after-analysis", f"{ANALYSIS}call it{CALL}", "call it", "", [WEATHER]),
+    ("recipient-before-channel", f"{ANALYSIS}call<|end|><|start|>assistant to=functions.x"
+     "<|channel|>commentary json<|message|>{}<|call|>", "call", "", [ToolCall("x", "{}")]),
+    ("a-preamble-then-a-call", f"{ANALYSIS}hm<|end|><|start|>assistant<|channel|>commentary"
+     f"<|message|>Checking.{CALL}", "hm", "Checking.", [WEATHER]),
+    ("two-calls", f"{ANALYSIS}both{CALL}<|start|>assistant<|channel|>commentary to=functions.x"
+     "<|message|>{ }<|call|>", "both", "", [WEATHER, ToolCall("x", "{}")]),
+    ("arguments-that-are-not-json", f"{ANALYSIS}hm<|end|><|start|>assistant<|channel|>"
+     "commentary to=functions.x<|message|>Paris<|call|>", "hm", "", [ToolCall("x", "Paris")]),
+    ("a-call-cut-off", f"{ANALYSIS}hm<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.x<|message|>{"location', "hm", '{"location', []),
+    ("an-answer-and-no-call", f"{ANALYSIS}sum{FINAL}four<|return|>", "sum", "four", []),
+]
+
+
+def _split_with_calls(tokenizer, prompt_ids, pieces: list[list[int]]):
+    """The pipeline's order: the splitter, then the tool-call parser on its content."""
+    splitter = HarmonySplitter(tokenizer, prompt_ids)
+    parser = HARMONY_TOOL_CALLS.parser([], splitter)
+    reasoning, content, calls = "", "", []
+    for released in [splitter.feed(piece) for piece in pieces] + [splitter.finish()]:
+        text, completed = parser.feed(released[1])
+        reasoning, content, calls = reasoning + released[0], content + text, calls + completed
+    text, completed = parser.finish()
+    return reasoning, content + text, calls + completed
+
+
+@pytest.mark.parametrize("name, output, reasoning, content, calls", CALL_CASES,
+                         ids=[c[0] for c in CALL_CASES])
+def test_messages_to_functions_are_tool_calls_however_the_tokens_are_streamed(
+        tokenizer, prompt_ids, name, output, reasoning, content, calls):
+    for pieces in _cuttings(_ids(tokenizer, output)):
+        assert _split_with_calls(tokenizer, prompt_ids, pieces) == (reasoning, content, calls)
+
+
+def test_a_call_is_completed_by_the_token_that_ends_its_message(tokenizer, prompt_ids):
+    splitter = HarmonySplitter(tokenizer, prompt_ids)
+    parser = HARMONY_TOOL_CALLS.parser([], splitter)
+    *body, end = _ids(tokenizer, f"{ANALYSIS}call it{CALL}")
+    for token in body:
+        assert parser.feed(splitter.feed([token])[1]) == ("", [])
+    assert parser.feed(splitter.feed([end])[1]) == ("", [WEATHER])
+
+
+def test_harmony_tool_calls_need_the_harmony_splitter():
+    with pytest.raises(ValueError, match="harmony reasoning format"):
+        HARMONY_TOOL_CALLS.parser([], None)
