@@ -123,9 +123,11 @@ def save_state_dict_copy(model_dir: Path, path: Path) -> Path:
 
 
 def save_tiny_tokenizer(path: Path, special_tokens: tuple[str, ...] = ("<eos>", "<bos>"),
-                        corpus: list[str] = _CORPUS, **named_tokens) -> int:
-    """Train and save the tokenizer; returns its vocabulary size. `named_tokens`: its
-    eos/bos/pad tokens (default `<eos>`, `<bos>`, `<eos>`) and its chat template."""
+                        corpus: list[str] = _CORPUS, words: tuple[str, ...] = (),
+                        **named_tokens) -> int:
+    """Train and save the tokenizer; returns its vocabulary size. `words`: texts that are
+    one token each (and decode as the text they are). `named_tokens`: its eos/bos/pad
+    tokens (default `<eos>`, `<bos>`, `<eos>`) and its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -135,6 +137,7 @@ def save_tiny_tokenizer(path: Path, special_tokens: tuple[str, ...] = ("<eos>", 
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(list(words))
     named = {"eos_token": "<eos>", "bos_token": "<bos>", "pad_token": "<eos>", **named_tokens}
     PreTrainedTokenizerFast(tokenizer_object=tok, **named).save_pretrained(path)
     return tok.get_vocab_size()
@@ -200,14 +203,16 @@ def gpt_oss_config(**overrides):
     return GptOssConfig(**{**fields, **overrides})
 
 
-def save_tiny_harmony_model(path: Path, seed: int = 0, **config_overrides) -> Path:
-    """A tiny random gpt-oss with the harmony tokenizer; `<|return|>`, `<|endoftext|>` and
-    `<|call|>` end a sequence, as in gpt-oss's generation config."""
+def save_tiny_harmony_model(path: Path, seed: int = 0, words: tuple[str, ...] = (),
+                            **config_overrides) -> Path:
+    """A tiny random gpt-oss with the harmony tokenizer (plus `words`, a token each);
+    `<|return|>`, `<|endoftext|>` and `<|call|>` end a sequence, as in gpt-oss's
+    generation config."""
     from transformers import PreTrainedTokenizerFast
 
     vocab_size = save_tiny_tokenizer(path, HARMONY_SPECIAL_TOKENS, _HARMONY_CORPUS,
                                      eos_token="<|return|>", bos_token="<|startoftext|>",
-                                     pad_token="<|endoftext|>",
+                                     pad_token="<|endoftext|>", words=words,
                                      chat_template=HARMONY_CHAT_TEMPLATE)
     to_id = PreTrainedTokenizerFast.from_pretrained(path).convert_tokens_to_ids
     eos = [to_id("<|return|>"), to_id("<|endoftext|>"), to_id("<|call|>")]
@@ -242,7 +247,7 @@ def save_mxfp4_copy(model_dir: Path, path: Path, seed: int = 0) -> Path:
 
 
 def save_scripted_harmony_model(path: Path, script: list[str], scale: float = 100.0,
-                                **config_overrides) -> Path:
+                                words: tuple[str, ...] = (), **config_overrides) -> Path:
     """A tiny harmony gpt-oss that, greedily, writes `script` (a list of texts whose
     tokens follow each other) after the generation prompt's last token, then repeats the
     script's last token (if it is new to the script): a random model never writes harmony's channels by itself.
@@ -251,11 +256,12 @@ def save_scripted_harmony_model(path: Path, script: list[str], scale: float = 10
     token's own normalised embedding `f_t`, and each successor's unembedding row is the
     sum of `scale * f_t / |f_t|` over the tokens `t` it follows: the logits are then
     largest for the token's successor (random 64-d embeddings are far from parallel).
-    Every token of the script must be followed by one token only."""
+    Every token of the script must be followed by one token only: `words`, one token
+    each, let a script repeat a character."""
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedTokenizerFast
 
-    save_tiny_harmony_model(path, **config_overrides)
+    save_tiny_harmony_model(path, words=words, **config_overrides)
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     prompt_end = tok.encode("<|start|>assistant", add_special_tokens=False)[-1]
     ids = [prompt_end] + [i for text in script for i in tok.encode(text, add_special_tokens=False)]

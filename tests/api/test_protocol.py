@@ -9,7 +9,7 @@ import pytest
 
 from api.errors import APIError
 from api.limits import MAX_JSON_DEPTH
-from api.protocol import CompletionRequest, parse_request
+from api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 BODY = {"model": "m", "prompt": "hi"}
 
@@ -52,3 +52,30 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_its_top_level_field(extra) ->
 
 def test_surrogate_pairs_are_text() -> None:
     assert parse(prompt="\U0001F642").prompt == "\U0001F642"   # json writes \ud83d\ude42
+
+
+def chat_history(arguments) -> list[dict]:
+    return [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": arguments}}]}]
+
+
+@pytest.mark.parametrize("arguments, read", [
+    ('{"city": "Paris", "days": 3}', {"city": "Paris", "days": 3}),
+    ({"city": "Paris"}, {"city": "Paris"}), ("", {}), (None, {})])
+def test_history_call_arguments_reach_the_template_as_an_object(arguments, read) -> None:
+    body = {"model": "m", "messages": chat_history(arguments)}
+    req = parse_request(ChatCompletionRequest, json.dumps(body).encode())
+    call = req.messages[1]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": read}
+    assert call["id"] == "call_1"
+
+
+@pytest.mark.parametrize("arguments", ["{not json", "[1, 2]", "3", ["city"]])
+def test_history_call_arguments_that_are_not_an_object_are_a_400(arguments) -> None:
+    body = {"model": "m", "messages": chat_history(arguments)}
+    with pytest.raises(APIError, match=r"messages\[1\].tool_calls\[0\].function.arguments") \
+            as info:
+        parse_request(ChatCompletionRequest, json.dumps(body).encode())
+    assert info.value.status == 400

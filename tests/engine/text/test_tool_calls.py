@@ -29,7 +29,8 @@ from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
 # Qwen3.5's (Qwen3-Coder's) tool instructions and call history, abridged.
 QWEN3_CODER_STYLE_TEMPLATE = """\
 {%- if tools %}
-    {{- '<|im_start|>system\\n# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>' }}
+    {{- '<|im_start|>system\\n# Tools\\n\\n' }}
+    {{- 'You have access to the following functions:\\n\\n<tools>' }}
     {%- for tool in tools %}
         {{- '\\n<function>\\n<name>' + tool.function.name + '</name>\\n</function>' }}
     {%- endfor %}
