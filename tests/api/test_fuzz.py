@@ -51,8 +51,9 @@ NUMERIC_FIELDS = ["temperature", "top_p", "top_k", "min_p", "seed", "presence_pe
 FIELDS = NUMERIC_FIELDS + [
     "model", "prompt", "messages", "stop", "stop_token_ids", "logit_bias", "ignore_eos",
     "skip_special_tokens", "include_stop_str_in_output", "stream", "stream_options", "echo",
-    "user", "tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    "separate_reasoning", "response_format", "tokens", "add_special_tokens",
+    "user", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message", "separate_reasoning", "response_format", "tokens",
+    "add_special_tokens",
     "max_completion_tokens", "no_such_field", "__class__", "",
 ]
 
@@ -96,6 +97,7 @@ ENDPOINTS = {
                   "separate_reasoning": st.booleans(),
                   "reasoning_effort": st.sampled_from(["low", "high", 0.5]),
                   "tools": st.lists(tool, max_size=2),
+                  "tool_choice": st.sampled_from(["auto", "none", "required", {"x": 1}, 3]),
                   "response_format": st.just({"type": "json_object"})}),
     "/tokenize": st.one_of(
         st.fixed_dictionaries({"prompt": text}, optional={"add_special_tokens": st.booleans()}),
