@@ -13,8 +13,9 @@ later. Nothing is ever dropped.
 
 For a hybrid model, a cached prefix is only of use with the linear-attention state
 that its last block left (engine.state_snapshots): a prefill stops at its prompt's last
-full block so that its state there can be kept, and a prompt that finds that prefix
-cached starts from a copy of it.
+full block so that its state there can be kept, a decode keeps the state at each block
+boundary of the output in place of the one before (a sequence holds one such state at
+a time), and a prompt that finds a kept prefix cached starts from a copy of its state.
 
 A prompt is computed once: the samples of one prompt follow their first sample and
 fork from it when its prefill ends (its first token is sampled for each of them from
@@ -88,6 +89,7 @@ class Scheduler:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
         self.snapshots = state_snapshots
+        self._output_states: dict[Sequence, int] = {}   # seq -> its output's kept state
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.turns = CheckpointTurns(max_loras, max_steps_per_checkpoint, mixable)
@@ -167,7 +169,7 @@ class Scheduler:
             self.num_computed_prompt_tokens += max(0, min(seq.num_computed_tokens,
                                                           seq.num_prompt_tokens) - before)
             self.bm.cache_full_blocks(seq, before)
-            self._keep_state(seq, before)
+            self._keep_state(seq)
             result = results[seq]
             seq.prompt_logprobs += result.prompt_logprobs
             seq.prompt_top_logprobs += result.prompt_top_logprobs
@@ -279,16 +281,22 @@ class Scheduler:
             return True
         return self.snapshots is not None and block_hash in self.snapshots
 
-    def _keep_state(self, seq: Sequence, before: int) -> None:
-        """After a prefill step that ended at a block boundary of the prompt: keep a copy
-        of the state there, for later prompts with this prefix."""
-        if self.snapshots is None or before >= seq.num_prompt_tokens:
+    def _keep_state(self, seq: Sequence) -> None:
+        """After a step that ended at a block boundary: keep a copy of the state there,
+        for later prompts with this prefix. Past the prompt, the state kept at the output's
+        previous boundary goes: a long output keeps one state, not one per block."""
+        if self.snapshots is None or seq.num_computed_tokens % self.bm.block_size:
             return
-        if seq.num_computed_tokens % self.bm.block_size:
-            return
-        row = self.snapshots.keep(self.bm.block_hash(seq, seq.num_computed_tokens))
-        if row is not None:
-            self._pending_state_copies.append((seq.state_slot, row))
+        in_output = seq.num_computed_tokens > seq.num_prompt_tokens
+        if in_output and seq in self._output_states:
+            self.snapshots.drop(self._output_states.pop(seq))   # its row is reused first
+        block_hash = self.bm.block_hash(seq, seq.num_computed_tokens)
+        row = self.snapshots.keep(block_hash)
+        if row is None:
+            return                    # kept already, by another sequence
+        self._pending_state_copies.append((seq.state_slot, row))
+        if in_output:
+            self._output_states[seq] = block_hash
 
     def _promised_blocks(self) -> set[int]:
         """Hashes of prompt blocks that running prefills are computing and have not cached."""
@@ -346,6 +354,7 @@ class Scheduler:
         that ends before its prefill hands its followers to the next of them. Idempotent."""
         if seq.status is SequenceStatus.FINISHED:
             return
+        self._output_states.pop(seq, None)   # its output's state stays kept, as a cache entry
         if seq.leader is not None:          # a follower that never forked
             seq.leader.followers.remove(seq)
             seq.leader = None

@@ -1,13 +1,15 @@
-"""Kept linear-attention states at prompts' block boundaries: prefix caching for a hybrid
-model. Pure Python.
+"""Kept linear-attention states at block boundaries: prefix caching for a hybrid model.
+Pure Python.
 
 A cached KV block restores an attention layer's past, but a linear-attention layer
 (engine.layers.linear_attention) folds the whole past into one running state per
-sequence, which no block holds. So when a prefill step ends exactly at a block boundary
-of its prompt, the scheduler keeps a copy of the sequence's state there, keyed by that
-block's chained hash (engine.block_manager: equal keys mean equal prefixes under equal
-weights). A later prompt with that prefix takes the cached blocks up to the last one
-with a kept state, and a copy of that state into its own slot; it computes the rest.
+sequence, which no block holds. So when a step ends exactly at a block boundary, the
+scheduler keeps a copy of the sequence's state there, keyed by that block's chained hash
+(engine.block_manager: equal keys mean equal prefixes under equal weights): at the
+prompt's boundaries that a prefill ends on, and at the latest boundary of its output
+(the one a next turn, whose prompt is this prompt and output and more, resumes from).
+A later prompt with that prefix takes the cached blocks up to the last one with a kept
+state, and a copy of that state into its own slot; it computes the rest.
 
 The kept states are rows of the runner's state pool past the live slots
 (engine.state_slots); this class only says which row holds which prefix, and which
@@ -49,3 +51,9 @@ class StateSnapshots:
         row = self._free.pop() if self._free else self._rows.popitem(last=False)[1]
         self._rows[block_hash] = row
         return row
+
+    def drop(self, block_hash: int) -> None:
+        """Free the row of the state after `block_hash`, if it is still kept."""
+        row = self._rows.pop(block_hash, None)
+        if row is not None:
+            self._free.append(row)

@@ -12,7 +12,7 @@ from engine.model_runner import copy_state_rows
 from engine.models.qwen3_5 import Qwen3_5Config
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from engine.state_slots import StateSlotAllocator
 from engine.state_snapshots import StateSnapshots
 from tests.engine.test_cache_capacity import QWEN3_5
@@ -129,6 +129,56 @@ def test_a_state_kept_and_resumed_from_in_one_step_is_copied_in_that_order():
     batch = sched.schedule()
     assert batch.state_copies == [(first.state_slot, LIVE), (LIVE, later.state_slot)]
     assert first.state_slot != later.state_slot
+
+
+def decode_to(sched: Scheduler, seq: Sequence, num_computed: int) -> list:
+    """Steps until `num_computed` of `seq`'s tokens are computed; the batches."""
+    batches = []
+    while seq.num_computed_tokens < num_computed:
+        batches.append(sched.schedule())
+        complete_step(sched, batches[-1])
+    return batches
+
+
+def test_a_decode_keeps_the_state_at_each_output_boundary_in_place_of_the_one_before():
+    sched, seq = hybrid_scheduler(), seq_of(PROMPT)
+    sched.add(seq)
+    decode_to(sched, seq, 16)               # the prompt's state at 12, the output's at 16
+    at_16 = sched.bm.block_hash(seq, 16)
+    assert sched.snapshots.num_kept == 2 and at_16 in sched.snapshots
+    assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # before the step
+    decode_to(sched, seq, 20)
+    assert at_16 not in sched.snapshots and sched.bm.block_hash(seq, 20) in sched.snapshots
+    assert sched.snapshots.num_kept == 2
+    assert sched.bm.block_hash(seq, 12) in sched.snapshots      # the prompt's stays
+    assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # the row reused
+
+
+def test_a_next_turn_resumes_from_the_state_its_previous_turn_kept_last():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    decode_to(sched, first, 21)
+    at_20 = sched.bm.block_hash(first, 20)
+    sched.finish(first)
+    row = sched.snapshots.take(at_20)
+    later = seq_of(first.token_ids[:21] + [8, 9], "b")     # the conversation goes on
+    sched.add(later)
+    batch = sched.schedule()
+    assert later.num_cached_tokens == 20 and batch.num_new_tokens == [3]
+    assert batch.state_copies == [(row, later.state_slot)]
+
+
+def test_an_output_state_another_sequence_kept_first_is_not_dropped_by_this_one():
+    sched = hybrid_scheduler()
+    a = Sequence("a", PROMPT, SamplingParams(max_tokens=3), seed=0)   # ends at 16 computed
+    b = seq_of(PROMPT, "b")             # the same prompt and tokens: the same hashes
+    sched.add(a)
+    sched.add(b)
+    decode_to(sched, b, 16)
+    at_16 = sched.bm.block_hash(b, 16)
+    assert a.status is SequenceStatus.FINISHED and at_16 in sched.snapshots   # a kept it
+    decode_to(sched, b, 20)
+    assert at_16 in sched.snapshots and sched.bm.block_hash(b, 20) in sched.snapshots
 
 
 def test_state_row_copies_apply_in_order_a_row_written_then_read():

@@ -1,16 +1,18 @@
 """Qwen3.5 (hybrid Gated DeltaNet + gated attention), dense and MoE, against transformers:
 greedy tokens exactly, logprobs within 1e-4 (float32), text and vision-language layouts.
 
-Every cache layout of parity.py is covered (preemption: states are recomputed from
-scratch; chunked prefill: states carried from chunk to chunk), and fewer state slots
-than requests (sequences wait for a slot). No block or slot may leak. Cached prefixes
-resume from the linear-attention states kept at their last block (engine.state_snapshots).
+Every cache layout of parity.py is covered (preemption: states are recomputed, from a
+kept one where there is one; chunked prefill: states carried from chunk to chunk), and
+fewer state slots than requests (sequences wait for a slot). No block or slot may leak.
+Cached prefixes resume from the linear-attention states kept at their last block
+(engine.state_snapshots), of a prompt or of an output.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,6 +132,32 @@ def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(mode
     core = engine.core
     assert core.state_slots.num_free_slots == core.state_slots.num_total_slots
     assert core.block_manager.num_free_blocks == core.block_manager.num_total_blocks
+
+
+def test_a_next_turn_resumes_from_the_state_kept_at_its_last_outputs_end(model_dirs):
+    """A conversation's next prompt is the last prompt, its output and more: it resumes
+    from the state the decode kept at the output's last block boundary (not only from the
+    prompt's), and gives what transformers gives."""
+    model = model_dirs["qwen3_5-text"]
+    engine = Engine(model, progress=False, block_size=4, num_kv_blocks=256)
+    try:
+        greedy = SamplingParams(max_tokens=11, temperature=0.0, stop=[])
+        first = engine.sampling_client().sample(ModelInput.from_ints(PROMPTS[1]), 1,
+                                                greedy).result(60).sequences[0]
+        # 22 prompt tokens and 10 of the 11 sampled were computed: a boundary at 32.
+        assert len(PROMPTS[1]) + len(first.tokens) - 1 == 32
+        prompt = PROMPTS[1] + first.tokens + [50, 51]
+        [(want_tokens, want_logprobs)] = transformers_outputs(model, [prompt], 8)
+        records = list(engine.add_request(prompt, replace(greedy, max_tokens=8))[0])
+        assert records[0].num_cached_tokens == 32
+        assert [t for r in records for t in r.token_ids] == want_tokens
+        torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
+                                   torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+        stats = engine.stats()
+        assert stats.num_free_state_slots == stats.num_total_state_slots
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        engine.shutdown()
 
 
 def test_the_vision_tower_and_mtp_head_are_skipped_unread(model_dirs, monkeypatch):
