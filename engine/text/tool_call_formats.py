@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engine.text.harmony import HARMONY_TOOL_CALLS
-from engine.text.tool_calls import HERMES, QWEN3_CODER, ToolCallFormat
+from engine.text.json_tool_calls import LLAMA3_JSON
+from engine.text.tagged_tool_calls import HERMES, QWEN3_CODER
+from engine.text.tool_calls import ToolCallFormat
 
 TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {
-    fmt.name: fmt for fmt in (HERMES, QWEN3_CODER, HARMONY_TOOL_CALLS)}
+    fmt.name: fmt for fmt in (HERMES, QWEN3_CODER, LLAMA3_JSON, HARMONY_TOOL_CALLS)}
 # Asked in this order; the first that recognises a template's prompt wins.
-_DETECTION_ORDER: tuple[ToolCallFormat, ...] = (HARMONY_TOOL_CALLS, QWEN3_CODER, HERMES)
+_DETECTION_ORDER: tuple[ToolCallFormat, ...] = (HARMONY_TOOL_CALLS, QWEN3_CODER, HERMES,
+                                                LLAMA3_JSON)
 
 
 def tool_call_format_by_name(name: str) -> ToolCallFormat:

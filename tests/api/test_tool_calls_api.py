@@ -150,7 +150,8 @@ def test_harmony_calls_without_the_harmony_reasoning_format_are_a_400(engine) ->
 
 
 def test_an_unknown_tool_call_parser_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="known formats: hermes, openai, qwen3_coder"):
-        ServerConfig(tool_call_parser="llama3_json")
+    with pytest.raises(ValueError, match="known formats: hermes, llama3_json, openai, "
+                                         "qwen3_coder"):
+        ServerConfig(tool_call_parser="mistral")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--tool-call-parser", "llama3_json"])
+        build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])

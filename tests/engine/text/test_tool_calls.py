@@ -1,9 +1,9 @@
-"""Tool calls taken out of an answer: the tagged formats (hermes, qwen3_coder), which
-format a template asks for, and the text pipeline's calls.
+"""Tool calls taken out of an answer: the text formats (hermes, qwen3_coder, llama3_json),
+which format a template asks for, and the text pipeline's calls.
 
 Expected calls are written by hand from the formats, or are what a template (written out
-here after Qwen3's and Qwen3.5's hub templates) renders for a call in the history: the
-parser must read back the call the template wrote. Every output is fed whole, a
+here after Qwen3's, Qwen3.5's and Llama 3.1's hub templates) renders for a call in the
+history: the parser must read back the call the template wrote. Every output is fed whole, a
 character at a time, and cut in two at every character, which cuts every tag.
 """
 
@@ -14,8 +14,10 @@ import json
 import pytest
 
 from engine.sampling_params import SamplingParams
+from engine.text.json_tool_calls import LLAMA3_JSON
 from engine.text.pipeline import ReasoningOptions, TextPipeline, ToolCallOptions
 from engine.text.reasoning import PROBE_MESSAGES
+from engine.text.tagged_tool_calls import HERMES, QWEN3_CODER
 from engine.text.think_tags import THINK_TAGS
 from engine.text.tokenizer import Tokenizer
 from engine.text.tool_call_formats import (
@@ -23,7 +25,7 @@ from engine.text.tool_call_formats import (
     detect_tool_call_format,
     tool_call_format_by_name,
 )
-from engine.text.tool_calls import HERMES, PROBE_TOOLS, QWEN3_CODER, ToolCall
+from engine.text.tool_calls import PROBE_TOOLS, ToolCall
 from tests.engine.text.test_tokenizer import QWEN3_STYLE_TEMPLATE
 
 # Qwen3.5's (Qwen3-Coder's) tool instructions and call history, abridged.
@@ -57,6 +59,28 @@ QWEN3_CODER_STYLE_TEMPLATE = """\
     {{- '<|im_end|>\\n' }}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+# Llama 3.1's tool instructions (in the first user message) and call history, abridged.
+LLAMA3_STYLE_TEMPLATE = """\
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}
+    {%- if tools and loop.first %}
+        {{- 'Given the following functions, please respond with a JSON for a function call ' }}
+        {{- 'with its proper arguments that best answers the given prompt.\\n\\n' }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of ' }}
+        {{- 'argument name and its value}. Do not use variables.\\n\\n' }}
+        {%- for tool in tools %}{{- tool | tojson }}{{- '\\n\\n' }}{%- endfor %}
+    {%- endif %}
+    {%- if message.tool_calls %}
+        {%- set call = message.tool_calls[0].function %}
+        {{- '{"name": "' + call.name + '", "parameters": ' + call.arguments | tojson + '}' }}
+    {%- else %}
+        {{- message.content }}
+    {%- endif %}
+    {{- '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}"""
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -106,6 +130,23 @@ CASES = [
      [call_of("get_weather", {"days": "three", "zoom": "5"})]),
     ("qwen3-coder-a-call-without-function-is-content", QWEN3_CODER,
      "<tool_call>\nget_weather\n</tool_call>", "<tool_call>\nget_weather\n</tool_call>", []),
+    ("llama3-a-call", LLAMA3_JSON, ' {"name": "get_weather", "parameters": {"city": "Paris"}}',
+     "", [WEATHER]),
+    ("llama3-two-calls", LLAMA3_JSON,
+     '{"name": "get_weather", "arguments": {"city": "Paris"}}; {"name": "f", "parameters": {}}',
+     "", [WEATHER, ToolCall("f", "{}")]),
+    ("llama3-a-semicolon-inside-a-string", LLAMA3_JSON,
+     '{"name": "f", "parameters": {"q": "a; b"}}', "", [ToolCall("f", '{"q": "a; b"}')]),
+    ("llama3-json-that-is-no-call-is-content", LLAMA3_JSON, '{"answer": 4}', '{"answer": 4}',
+     []),
+    ("llama3-a-call-and-text-is-content", LLAMA3_JSON, '{"name": "f", "parameters": {}} ok',
+     '{"name": "f", "parameters": {}} ok', []),
+    ("llama3-a-call-cut-off-is-content", LLAMA3_JSON, '{"name": "f", "para',
+     '{"name": "f", "para', []),
+    ("llama3-text-is-content", LLAMA3_JSON, "Sunny, {mostly}.", "Sunny, {mostly}.", []),
+    ("llama3-a-call-after-its-tag-kept-as-text", LLAMA3_JSON,
+     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [WEATHER]),
+    ("llama3-the-tag-alone-is-content", LLAMA3_JSON, "<|python_tag|>", "<|python_tag|>", []),
 ]
 
 
@@ -130,6 +171,13 @@ def test_calls_and_content_are_the_same_however_the_answer_is_streamed(name, fmt
         assert parse(fmt, pieces) == (content, calls)
 
 
+def test_a_llama3_answer_that_does_not_open_with_a_brace_streams_as_content():
+    parser = LLAMA3_JSON.parser([], None)
+    assert parser.feed("  ") == ("", [])          # undecided: leading space
+    assert parser.feed("Sun") == ("  Sun", [])
+    assert parser.feed("ny {") == ("ny {", [])
+
+
 def test_a_call_is_released_the_moment_its_closing_tag_completes():
     parser = HERMES.parser([], None)
     *body, last = HERMES_CALL
@@ -145,19 +193,34 @@ def tokenizer(tiny_model_dirs) -> Tokenizer:
 ARGUMENTS = {"city": "São Paulo", "days": 3, "units": {"temp": "C", "wind": ["kmh"]}}
 
 
-@pytest.mark.parametrize("template, fmt", [(QWEN3_STYLE_TEMPLATE, HERMES),
-                                           (QWEN3_CODER_STYLE_TEMPLATE, QWEN3_CODER)])
-def test_the_parser_reads_back_the_call_its_template_writes(tokenizer, template, fmt):
-    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}},
-             {"type": "function", "function": {"name": "now", "arguments": {}}}]
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}
+NOW_CALL = {"type": "function", "function": {"name": "now", "arguments": {}}}
+
+
+def assistant_turn(tokenizer, template: str, calls: list[dict], content: str | None,
+                   opens: str, closes: str) -> str:
+    """What `template` writes for an assistant turn with `calls`, between its markers."""
     chat = [{"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": "Let me look.", "tool_calls": calls},
+            {"role": "assistant", "content": content, "tool_calls": calls},
             {"role": "user", "content": "Thanks."}]
     prompt = tokenizer.render_chat(chat, chat_template=template, tools=WEATHER_TOOLS,
                                    add_generation_prompt=False)
-    turn = prompt.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    return prompt.split(opens)[1].split(closes)[0]
+
+
+@pytest.mark.parametrize("template, fmt", [(QWEN3_STYLE_TEMPLATE, HERMES),
+                                           (QWEN3_CODER_STYLE_TEMPLATE, QWEN3_CODER)])
+def test_the_parser_reads_back_the_calls_its_template_writes(tokenizer, template, fmt):
+    turn = assistant_turn(tokenizer, template, [WEATHER_CALL, NOW_CALL], "Let me look.",
+                          "<|im_start|>assistant\n", "<|im_end|>")
     assert parse(fmt, [turn]) == ("Let me look.\n", [call_of("get_weather", ARGUMENTS),
                                                      ToolCall("now", "{}")])
+
+
+def test_the_llama3_parser_reads_back_the_call_its_template_writes(tokenizer):
+    turn = assistant_turn(tokenizer, LLAMA3_STYLE_TEMPLATE, [WEATHER_CALL], None,
+                          "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
+    assert parse(LLAMA3_JSON, [turn]) == ("", [call_of("get_weather", ARGUMENTS)])
 
 
 def test_the_format_is_the_one_the_template_asks_for(tokenizer, tiny_harmony_model_dir):
@@ -167,15 +230,17 @@ def test_the_format_is_the_one_the_template_asks_for(tokenizer, tiny_harmony_mod
 
     assert detect(tokenizer, QWEN3_STYLE_TEMPLATE) is HERMES
     assert detect(tokenizer, QWEN3_CODER_STYLE_TEMPLATE) is QWEN3_CODER
+    assert detect(tokenizer, LLAMA3_STYLE_TEMPLATE) is LLAMA3_JSON
     assert detect(Tokenizer(tiny_harmony_model_dir), None) is TOOL_CALL_FORMATS["openai"]
     assert detect(tokenizer, PLAIN_TEMPLATE) is None
     assert detect(tokenizer, "{{ raise_exception('no tools here') }}") is None
 
 
 def test_formats_are_named_as_vllm_names_its_parsers():
-    assert set(TOOL_CALL_FORMATS) == {"hermes", "qwen3_coder", "openai"}
-    with pytest.raises(ValueError, match="known formats: hermes, openai, qwen3_coder"):
-        tool_call_format_by_name("llama3_json")
+    assert set(TOOL_CALL_FORMATS) == {"hermes", "qwen3_coder", "llama3_json", "openai"}
+    with pytest.raises(ValueError, match="known formats: hermes, llama3_json, openai, "
+                                         "qwen3_coder"):
+        tool_call_format_by_name("mistral")
 
 
 def pipeline_run(tokenizer, output: str, **options) -> tuple[str, str, list[ToolCall]]:
