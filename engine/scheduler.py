@@ -12,10 +12,13 @@ state slot) are freed and it goes back to the front of the queue, to be recomput
 later. Nothing is ever dropped.
 
 For a hybrid model, a cached prefix is only of use with the linear-attention state
-that its last block left (engine.state_snapshots): a prefill stops at its prompt's last
-full block so that its state there can be kept, a decode keeps the state at each block
-boundary of the output in place of the one before (a sequence holds one such state at
-a time), and a prompt that finds a kept prefix cached starts from a copy of its state.
+that its last block left (engine.state_snapshots). A prefill stops, so that its state
+there can be kept, at its prompt's last full block and where its prefix leaves the
+cached blocks (the point it shares with earlier prompts, which only the first prompt to
+diverge there can keep a state at: a shared system prompt of any length is then served
+from the third prompt on). A decode keeps the state at each block boundary of the output
+in place of the one before (a sequence holds one such state at a time). A prompt that
+finds a kept prefix cached starts from a copy of its state.
 
 A prompt is computed once: the samples of one prompt follow their first sample and
 fork from it when its prefill ends (its first token is sampled for each of them from
@@ -241,6 +244,8 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             cached = self.bm.allocate_cached_prefix(seq, self._resumable)
+            if self.snapshots is not None:
+                seq.num_matched_tokens = self.bm.num_matched_tokens(seq)
             seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
             self.num_prefix_cached_tokens += cached
             n = self._num_new_tokens(seq, budget)
@@ -264,14 +269,16 @@ class Scheduler:
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         """What `seq` runs this step: the rest of it, cut to the token budget. Where states
-        are kept, a prefill also stops at its prompt's last full block (the longest prefix
-        a later prompt may take from the cache), so that its state there can be kept."""
+        are kept, a prefill also stops where its prefix leaves the cached blocks and at
+        its prompt's last full block (the longest prefix a later prompt may take from the
+        cache), so that its state there can be kept."""
         n = min(seq.num_uncomputed_tokens, budget)
         if self.snapshots is not None:
-            bs = self.bm.block_size
-            boundary = (seq.num_prompt_tokens - 1) // bs * bs
-            if seq.num_computed_tokens < boundary < seq.num_computed_tokens + n:
-                n = boundary - seq.num_computed_tokens
+            last_full_block = (seq.num_prompt_tokens - 1) // self.bm.block_size * self.bm.block_size
+            start = seq.num_computed_tokens
+            for stop in sorted({seq.num_matched_tokens, last_full_block}):
+                if start < stop < start + n:
+                    return stop - start
         return n
 
     def _resumable(self, block_hash: int) -> bool:

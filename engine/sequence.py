@@ -38,6 +38,8 @@ class Sequence:
     state_slot: int | None = None        # its row of the linear-attention state pool (hybrids)
     num_computed_tokens: int = 0         # tokens whose k/v are in the cache
     num_cached_tokens: int = 0           # prompt tokens the prefix cache served (first admission)
+    num_matched_tokens: int = 0          # of its prefix, tokens whose blocks were cached at its
+                                         # admission, served or not (hybrids: engine.scheduler)
     prompt_logprobs_done: bool = False   # prompt logprobs are computed once, not on recompute
     # Chunk by chunk, until they go out with the first token: entry 0 (no prefix) is None.
     prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])

@@ -6,7 +6,8 @@ A cached KV block restores an attention layer's past, but a linear-attention lay
 sequence, which no block holds. So when a step ends exactly at a block boundary, the
 scheduler keeps a copy of the sequence's state there, keyed by that block's chained hash
 (engine.block_manager: equal keys mean equal prefixes under equal weights): at the
-prompt's boundaries that a prefill ends on, and at the latest boundary of its output
+prompt's boundaries that a prefill ends on (it stops at its last full block and where it
+leaves the blocks earlier prompts cached), and at the latest boundary of its output
 (the one a next turn, whose prompt is this prompt and output and more, resumes from).
 A later prompt with that prefix takes the cached blocks up to the last one with a kept
 state, and a copy of that state into its own slot; it computes the rest.

@@ -95,6 +95,22 @@ def test_cached_blocks_past_the_last_kept_state_are_not_taken():
     assert not set(later.block_table) & set(first.block_table)
 
 
+def test_a_prefill_also_stops_where_its_prefix_leaves_the_cached_blocks_and_keeps_it():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    run_prefill(sched, first)                  # a state at 12 only
+    second = seq_of(PROMPT[:8] + [7, 8, 9, 10, 11, 12], "b")   # shares blocks 0-1 with a
+    sched.add(second)
+    batches = run_prefill(sched, second)
+    assert second.num_cached_tokens == 0       # nothing kept at 8 yet: computed again
+    assert [b.num_new_tokens[-1] for b in batches] == [8, 4, 2]
+    assert (second.state_slot, LIVE + 1) in batches[1].state_copies   # kept at 8
+    third = seq_of(PROMPT[:8] + [1, 2, 3], "c")
+    sched.add(third)
+    batch = sched.schedule()
+    assert third.num_cached_tokens == 8 and batch.state_copies == [(LIVE + 1, third.state_slot)]
+
+
 def test_without_kept_states_a_hybrid_model_takes_nothing_from_the_prefix_cache():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
                       state_slots=StateSlotAllocator(LIVE))

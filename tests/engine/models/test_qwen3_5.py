@@ -134,6 +134,26 @@ def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(mode
     assert core.block_manager.num_free_blocks == core.block_manager.num_total_blocks
 
 
+def test_prompts_that_share_an_unaligned_prefix_are_served_from_the_third_on(model_dirs):
+    """A shared prefix that ends inside the prompts' last blocks: the first prompt keeps
+    its state past it, the second stops where it leaves the cached blocks and keeps the
+    state there, the third resumes from it; each gives what transformers gives."""
+    model = model_dirs["qwen3_5-text"]
+    prompts = [SHARED + list(range(40 + 10 * i, 45 + 11 * i)) for i in range(3)]
+    expected = transformers_outputs(model, prompts, 6)
+    engine = Engine(model, progress=False, block_size=4, num_kv_blocks=256)
+    try:
+        greedy = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+        for i, (prompt, (want_tokens, want_logprobs)) in enumerate(zip(prompts, expected)):
+            records = list(engine.add_request(prompt, greedy)[0])
+            assert records[0].num_cached_tokens == (len(SHARED) if i == 2 else 0)
+            assert [t for r in records for t in r.token_ids] == want_tokens
+            torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
+                                       torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+    finally:
+        engine.shutdown()
+
+
 def test_a_next_turn_resumes_from_the_state_kept_at_its_last_outputs_end(model_dirs):
     """A conversation's next prompt is the last prompt, its output and more: it resumes
     from the state the decode kept at the output's last block boundary (not only from the
