@@ -46,3 +46,16 @@ def random_logits(batch: int, vocab: int, device: torch.device | str, gen: torch
     logits[:, 1::7] = logits[:, 0:1]                                 # ties with token 0
     logits[:, 3::11] = -torch.inf
     return logits.to(device=device, dtype=dtype)
+
+
+def alone(x: torch.Tensor, i: int, block_rows: int) -> tuple[torch.Tensor, int]:
+    """Row `i` of `x` in a launch of its own, and its index there. On a GPU, alone. Under
+    TRITON_INTERPRET a tl.dot is numpy's matmul, which on some CPUs gives a row other
+    bits at another place in a matrix (OpenBLAS's float32 microkernels on an AMD EPYC
+    Zen 4: rows 6-11 of every 12), so there the row keeps the place it has in its tile
+    of `block_rows`, after zero rows: the launch's size and company still differ."""
+    if x.device.type == "cuda":
+        return x[i:i + 1], 0
+    launch = torch.zeros(i % block_rows + 1, *x.shape[1:], dtype=x.dtype, device=x.device)
+    launch[-1] = x[i]
+    return launch, -1

@@ -9,6 +9,7 @@ import torch
 
 from kernels import invariant_attention, invariant_matmul
 from kernels.invariant_attention_ref import invariant_attention as attention_ref
+from tests.kernels.helpers import alone
 from tests.kernels.test_invariant_attention_ref import HEADS, SCALE, paged_cache
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -33,12 +34,14 @@ def test_matmul_matches_its_reference(dtype, bias, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_gives_a_row_the_same_bits_alone_and_among_others(dtype, device):
-    """Rows 0-69 of one launch (two row tiles, the second partial) against each alone."""
+    """Rows 0-69 of one launch (two row tiles, the second partial) against each in a
+    launch of its own (helpers.alone)."""
     gen = torch.Generator().manual_seed(1)
     x, weight = (torch.randn(n, 80, generator=gen).to(dtype).to(device) for n in (70, 100))
     together = invariant_matmul.matmul(x, weight)
     for i in (0, 5, 63, 64, 69):
-        assert torch.equal(invariant_matmul.matmul(x[i:i + 1], weight)[0], together[i])
+        launch, at = alone(x, i, invariant_matmul.BLOCK_M)
+        assert torch.equal(invariant_matmul.matmul(launch, weight)[at], together[i])
 
 
 def sequences(dtype: torch.dtype, device):
