@@ -78,23 +78,8 @@ class BlockManager:
         produces the logits to sample from. Returns the number of cached tokens.
         """
         assert not seq.block_table
-        hits = self._matching_blocks(seq)
-        while hits and not resumable(self.blocks[hits[-1]].hash):
-            hits.pop()
-        for block_id in hits:
-            self._take(block_id)
-            seq.block_table.append(block_id)
-        seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        return seq.num_computed_tokens
-
-    def num_matched_tokens(self, seq: Sequence) -> int:
-        """The tokens of `seq`'s longest prefix whose blocks are cached, wherever it may
-        resume (all but its last token at most)."""
-        return len(self._matching_blocks(seq)) * self.block_size
-
-    def _matching_blocks(self, seq: Sequence) -> list[int]:
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
-            return []
+            return 0
         h, hits = checkpoint_seed(seq), []
         tokens = seq.token_ids
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
@@ -104,7 +89,13 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
             hits.append(block_id)
-        return hits
+        while hits and not resumable(self.blocks[hits[-1]].hash):
+            hits.pop()
+        for block_id in hits:
+            self._take(block_id)
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
 
     def block_hash(self, seq: Sequence, num_tokens: int) -> int:
         """The hash of the block of `seq` that ends at `num_tokens` (a multiple of the

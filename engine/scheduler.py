@@ -12,13 +12,9 @@ state slot) are freed and it goes back to the front of the queue, to be recomput
 later. Nothing is ever dropped.
 
 For a hybrid model, a cached prefix is only of use with the linear-attention state
-that its last block left (engine.state_snapshots). A prefill stops, so that its state
-there can be kept, at its prompt's last full block and where its prefix leaves the
-cached blocks (the point it shares with earlier prompts, which only the first prompt to
-diverge there can keep a state at: a shared system prompt of any length is then served
-from the third prompt on). A decode keeps the state at each block boundary of the output
-in place of the one before (a sequence holds one such state at a time). A prompt that
-finds a kept prefix cached starts from a copy of its state.
+that its last block left (engine.state_snapshots): where prefills stop so that states
+are kept, which are kept, and which prompt waits for one, is engine.state_keeper's rule.
+A prompt that finds a kept prefix cached starts from a copy of its state.
 
 A prompt is computed once: the samples of one prompt follow their first sample and
 fork from it when its prefill ends (its first token is sampled for each of them from
@@ -43,6 +39,7 @@ from engine.block_manager import BlockManager
 from engine.checkpoint_turns import Checkpoint, CheckpointTurns, always
 from engine.outputs import SeqStepResult, TopLogprobs
 from engine.sequence import Sequence, SequenceStatus
+from engine.state_keeper import StateKeeper
 from engine.state_slots import StateSlotAllocator
 from engine.state_snapshots import StateSnapshots
 
@@ -91,8 +88,8 @@ class Scheduler:
                  state_snapshots: StateSnapshots | None = None) -> None:
         self.bm = block_manager
         self.state_slots = state_slots or StateSlotAllocator(None)
-        self.snapshots = state_snapshots
-        self._output_states: dict[Sequence, int] = {}   # seq -> its output's kept state
+        self.keeper = (StateKeeper(state_snapshots, block_manager)
+                       if state_snapshots is not None else None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.turns = CheckpointTurns(max_loras, max_steps_per_checkpoint, mixable)
@@ -172,7 +169,9 @@ class Scheduler:
             self.num_computed_prompt_tokens += max(0, min(seq.num_computed_tokens,
                                                           seq.num_prompt_tokens) - before)
             self.bm.cache_full_blocks(seq, before)
-            self._keep_state(seq)
+            copy = self.keeper.keep(seq) if self.keeper is not None else None
+            if copy is not None:
+                self._pending_state_copies.append(copy)
             result = results[seq]
             seq.prompt_logprobs += result.prompt_logprobs
             seq.prompt_top_logprobs += result.prompt_top_logprobs
@@ -237,15 +236,15 @@ class Scheduler:
         if self.preempted_this_step:
             return  # the cache is under pressure: let the running sequences drain first
         skipped: list[Sequence] = []
-        promised = self._promised_blocks()
+        promised, kept_soon = self._promised_blocks(), self._kept_soon(seqs, counts)
         while self.waiting and budget > 0 and len(seqs) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if seq.checkpoint not in serving or self._next_block_is_promised(seq, promised):
+            if seq.checkpoint not in serving or self._waits(seq, promised, kept_soon):
                 skipped.append(seq)
                 continue
             cached = self.bm.allocate_cached_prefix(seq, self._resumable)
-            if self.snapshots is not None:
-                seq.num_matched_tokens = self.bm.num_matched_tokens(seq)
+            if self.keeper is not None:
+                self.keeper.admit(seq, promised)
             seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
             self.num_prefix_cached_tokens += cached
             n = self._num_new_tokens(seq, budget)
@@ -257,53 +256,42 @@ class Scheduler:
             self.bm.append_slots(seq, n)
             self.state_slots.allocate(seq)
             if cached and self.state_slots.has_state:
-                kept = self.snapshots.take(self.bm.block_hash(seq, cached))
-                self._pending_state_copies.append((kept, seq.state_slot))
+                self._pending_state_copies.append(self.keeper.resume(seq, cached))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
             budget -= n
             promised |= self._uncomputed_prompt_blocks(seq)
+            kept_soon |= self._kept_soon([seq], [n])
         self.waiting.extendleft(reversed(skipped))
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
-        """What `seq` runs this step: the rest of it, cut to the token budget. Where states
-        are kept, a prefill also stops where its prefix leaves the cached blocks and at
-        its prompt's last full block (the longest prefix a later prompt may take from the
-        cache), so that its state there can be kept."""
+        """What `seq` runs this step: the rest of it, cut to the token budget, and where
+        states are kept, at the points where its prefill stops to keep one."""
         n = min(seq.num_uncomputed_tokens, budget)
-        if self.snapshots is not None:
-            last_full_block = (seq.num_prompt_tokens - 1) // self.bm.block_size * self.bm.block_size
-            start = seq.num_computed_tokens
-            for stop in sorted({seq.num_matched_tokens, last_full_block}):
-                if start < stop < start + n:
-                    return stop - start
-        return n
+        return self.keeper.cut(seq, n) if self.keeper is not None else n
 
     def _resumable(self, block_hash: int) -> bool:
         """Whether a sequence can resume after the cached block `block_hash`: always,
         unless the model keeps linear-attention states, then only where one is kept."""
         if not self.state_slots.has_state:
             return True
-        return self.snapshots is not None and block_hash in self.snapshots
+        return self.keeper is not None and self.keeper.resumable(block_hash)
 
-    def _keep_state(self, seq: Sequence) -> None:
-        """After a step that ended at a block boundary: keep a copy of the state there,
-        for later prompts with this prefix. Past the prompt, the state kept at the output's
-        previous boundary goes: a long output keeps one state, not one per block."""
-        if self.snapshots is None or seq.num_computed_tokens % self.bm.block_size:
-            return
-        in_output = seq.num_computed_tokens > seq.num_prompt_tokens
-        if in_output and seq in self._output_states:
-            self.snapshots.drop(self._output_states.pop(seq))   # its row is reused first
-        block_hash = self.bm.block_hash(seq, seq.num_computed_tokens)
-        row = self.snapshots.keep(block_hash)
-        if row is None:
-            return                    # kept already, by another sequence
-        self._pending_state_copies.append((seq.state_slot, row))
-        if in_output:
-            self._output_states[seq] = block_hash
+    def _waits(self, seq: Sequence, promised: set[int], kept_soon: set[int]) -> bool:
+        """Whether `seq` waits a step to take from the prefix cache what this step computes:
+        the next block of its prompt (or, for a hybrid, a state at a point it shares)."""
+        if not self.state_slots.has_state:
+            return self._next_block_is_promised(seq, promised)
+        return self.keeper is not None and self.keeper.waits(seq, promised, kept_soon)
+
+    def _kept_soon(self, seqs: list[Sequence], counts: list[int]) -> set[int]:
+        """The prompt blocks (by hash) whose states these steps keep."""
+        if self.keeper is None:
+            return set()
+        return {h for seq, n in zip(seqs, counts)
+                if (h := self.keeper.kept_after(seq, n)) is not None}
 
     def _promised_blocks(self) -> set[int]:
         """Hashes of prompt blocks that running prefills are computing and have not cached."""
@@ -361,7 +349,8 @@ class Scheduler:
         that ends before its prefill hands its followers to the next of them. Idempotent."""
         if seq.status is SequenceStatus.FINISHED:
             return
-        self._output_states.pop(seq, None)   # its output's state stays kept, as a cache entry
+        if self.keeper is not None:
+            self.keeper.finished(seq)
         if seq.leader is not None:          # a follower that never forked
             seq.leader.followers.remove(seq)
             seq.leader = None

@@ -8,7 +8,8 @@ scheduler keeps a copy of the sequence's state there, keyed by that block's chai
 (engine.block_manager: equal keys mean equal prefixes under equal weights): at the
 prompt's boundaries that a prefill ends on (it stops at its last full block and where it
 leaves the blocks earlier prompts cached), and at the latest boundary of its output
-(the one a next turn, whose prompt is this prompt and output and more, resumes from).
+(the one a next turn, whose prompt is this prompt and output and more, resumes from);
+engine.state_keeper holds those rules.
 A later prompt with that prefix takes the cached blocks up to the last one with a kept
 state, and a copy of that state into its own slot; it computes the rest.
 

@@ -111,6 +111,24 @@ def test_a_prefill_also_stops_where_its_prefix_leaves_the_cached_blocks_and_keep
     assert third.num_cached_tokens == 8 and batch.state_copies == [(LIVE + 1, third.state_slot)]
 
 
+def test_prompts_arriving_together_part_and_the_third_waits_for_the_state_kept_there():
+    sched = hybrid_scheduler()
+    a, b = seq_of(PROMPT, "a"), seq_of(PROMPT[:8] + [7, 8, 9, 10, 11, 12], "b")
+    c = seq_of(PROMPT[:8] + [1, 2, 3], "c")
+    for seq in (a, b, c):
+        sched.add(seq)
+    first = sched.schedule()
+    # b shares blocks 0-1 with a's prefill: it stops at 8 to keep the state there, and c,
+    # whose prefix reaches that state, waits for it instead of computing the prefix too.
+    assert first.seqs == [a, b] and first.num_new_tokens == [12, 8]
+    complete_step(sched, first)
+    second = sched.schedule()
+    assert second.seqs == [a, b, c] and c.num_cached_tokens == 8
+    kept_by_b = second.state_copies[1][1]
+    assert second.state_copies == [(a.state_slot, LIVE), (b.state_slot, kept_by_b),
+                                   (kept_by_b, c.state_slot)]
+
+
 def test_without_kept_states_a_hybrid_model_takes_nothing_from_the_prefix_cache():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
                       state_slots=StateSlotAllocator(LIVE))
@@ -161,12 +179,12 @@ def test_a_decode_keeps_the_state_at_each_output_boundary_in_place_of_the_one_be
     sched.add(seq)
     decode_to(sched, seq, 16)               # the prompt's state at 12, the output's at 16
     at_16 = sched.bm.block_hash(seq, 16)
-    assert sched.snapshots.num_kept == 2 and at_16 in sched.snapshots
+    assert sched.keeper.snapshots.num_kept == 2 and at_16 in sched.keeper.snapshots
     assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # before the step
     decode_to(sched, seq, 20)
-    assert at_16 not in sched.snapshots and sched.bm.block_hash(seq, 20) in sched.snapshots
-    assert sched.snapshots.num_kept == 2
-    assert sched.bm.block_hash(seq, 12) in sched.snapshots      # the prompt's stays
+    assert at_16 not in sched.keeper.snapshots and sched.bm.block_hash(seq, 20) in sched.keeper.snapshots
+    assert sched.keeper.snapshots.num_kept == 2
+    assert sched.bm.block_hash(seq, 12) in sched.keeper.snapshots      # the prompt's stays
     assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # the row reused
 
 
@@ -176,7 +194,7 @@ def test_a_next_turn_resumes_from_the_state_its_previous_turn_kept_last():
     decode_to(sched, first, 21)
     at_20 = sched.bm.block_hash(first, 20)
     sched.finish(first)
-    row = sched.snapshots.take(at_20)
+    row = sched.keeper.snapshots.take(at_20)
     later = seq_of(first.token_ids[:21] + [8, 9], "b")     # the conversation goes on
     sched.add(later)
     batch = sched.schedule()
@@ -192,9 +210,9 @@ def test_an_output_state_another_sequence_kept_first_is_not_dropped_by_this_one(
     sched.add(b)
     decode_to(sched, b, 16)
     at_16 = sched.bm.block_hash(b, 16)
-    assert a.status is SequenceStatus.FINISHED and at_16 in sched.snapshots   # a kept it
+    assert a.status is SequenceStatus.FINISHED and at_16 in sched.keeper.snapshots   # a kept it
     decode_to(sched, b, 20)
-    assert at_16 in sched.snapshots and sched.bm.block_hash(b, 20) in sched.snapshots
+    assert at_16 in sched.keeper.snapshots and sched.bm.block_hash(b, 20) in sched.keeper.snapshots
 
 
 def test_state_row_copies_apply_in_order_a_row_written_then_read():

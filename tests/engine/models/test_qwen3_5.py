@@ -95,6 +95,29 @@ def test_forked_samples_continue_from_the_shared_prefill_as_each_would_alone(mod
         engine.shutdown()
 
 
+def run_together(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list:
+    """Queue every prompt, then run the (inline) engine's loop until all are answered:
+    the prompts meet in its first step. Each prompt's RequestOutputs."""
+    streams = [engine.add_request(prompt, params)[0] for prompt in prompts]
+    outputs = []
+
+    def client_thread():
+        try:
+            outputs.extend([list(stream) for stream in streams])
+        finally:
+            engine.shutdown()
+
+    threading.Thread(target=client_thread).start()
+    engine.run()
+    return outputs
+
+
+def assert_matches(records: list, want_tokens: list[int], want_logprobs: list[float]) -> None:
+    assert [t for r in records for t in r.token_ids] == want_tokens
+    torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
+                               torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+
+
 def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(model_dirs):
     """Two prompts with a shared prefix arrive together: the second waits a step for the
     first to compute the prefix, then resumes from the state kept there, both copies made
@@ -110,22 +133,10 @@ def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(mode
         return execute(batch, slots)
 
     engine.core.runner.execute = recording_execute
-    params = SamplingParams(max_tokens=8, temperature=0.0, stop=[])
-    streams = [engine.add_request(prompt, params)[0] for prompt in prompts]
-    outputs = []
-
-    def client_thread():
-        try:
-            outputs.extend([list(stream) for stream in streams])
-        finally:
-            engine.shutdown()
-
-    threading.Thread(target=client_thread).start()
-    engine.run()
-    for records, (want_tokens, want_logprobs) in zip(outputs, expected):
-        assert [t for r in records for t in r.token_ids] == want_tokens
-        torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
-                                   torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+    outputs = run_together(engine, prompts, SamplingParams(max_tokens=8, temperature=0.0,
+                                                           stop=[]))
+    for records, want in zip(outputs, expected):
+        assert_matches(records, *want)
     assert outputs[1][0].num_cached_tokens == len(SHARED)       # on the first record
     kept_and_resumed = [c for c in copies if len(c) == 2 and c[0][1] == c[1][0]]
     assert len(kept_and_resumed) == 1
@@ -134,24 +145,29 @@ def test_a_prompt_resumes_from_the_state_another_prefill_kept_a_step_before(mode
     assert core.block_manager.num_free_blocks == core.block_manager.num_total_blocks
 
 
-def test_prompts_that_share_an_unaligned_prefix_are_served_from_the_third_on(model_dirs):
+@pytest.mark.parametrize("arrival", ["one-after-another", "together"])
+def test_prompts_that_share_an_unaligned_prefix_are_served_from_the_third_on(model_dirs,
+                                                                            arrival):
     """A shared prefix that ends inside the prompts' last blocks: the first prompt keeps
-    its state past it, the second stops where it leaves the cached blocks and keeps the
-    state there, the third resumes from it; each gives what transformers gives."""
+    its state past it, the second stops where it leaves the first's blocks and keeps the
+    state there, the third resumes from it (arriving with the others, it waits a step for
+    it); each gives what transformers gives."""
     model = model_dirs["qwen3_5-text"]
     prompts = [SHARED + list(range(40 + 10 * i, 45 + 11 * i)) for i in range(3)]
     expected = transformers_outputs(model, prompts, 6)
-    engine = Engine(model, progress=False, block_size=4, num_kv_blocks=256)
-    try:
-        greedy = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
-        for i, (prompt, (want_tokens, want_logprobs)) in enumerate(zip(prompts, expected)):
-            records = list(engine.add_request(prompt, greedy)[0])
-            assert records[0].num_cached_tokens == (len(SHARED) if i == 2 else 0)
-            assert [t for r in records for t in r.token_ids] == want_tokens
-            torch.testing.assert_close(torch.tensor([p for r in records for p in r.logprobs]),
-                                       torch.tensor(want_logprobs), atol=1e-4, rtol=0)
-    finally:
-        engine.shutdown()
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    if arrival == "together":
+        engine = Engine(model, core="inline", progress=False, block_size=4, num_kv_blocks=256)
+        outputs = run_together(engine, prompts, greedy)
+    else:
+        engine = Engine(model, core="thread", progress=False, block_size=4, num_kv_blocks=256)
+        try:
+            outputs = [list(engine.add_request(prompt, greedy)[0]) for prompt in prompts]
+        finally:
+            engine.shutdown()
+    for records, want in zip(outputs, expected):
+        assert_matches(records, *want)
+    assert [r[0].num_cached_tokens for r in outputs] == [0, 0, len(SHARED)]
 
 
 def test_a_next_turn_resumes_from_the_state_kept_at_its_last_outputs_end(model_dirs):
