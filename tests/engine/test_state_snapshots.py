@@ -182,7 +182,8 @@ def test_a_decode_keeps_the_state_at_each_output_boundary_in_place_of_the_one_be
     assert sched.keeper.snapshots.num_kept == 2 and at_16 in sched.keeper.snapshots
     assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # before the step
     decode_to(sched, seq, 20)
-    assert at_16 not in sched.keeper.snapshots and sched.bm.block_hash(seq, 20) in sched.keeper.snapshots
+    kept = sched.keeper.snapshots
+    assert at_16 not in kept and sched.bm.block_hash(seq, 20) in kept
     assert sched.keeper.snapshots.num_kept == 2
     assert sched.bm.block_hash(seq, 12) in sched.keeper.snapshots      # the prompt's stays
     assert sched.schedule().state_copies == [(seq.state_slot, LIVE + 1)]   # the row reused
