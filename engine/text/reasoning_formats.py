@@ -9,7 +9,8 @@ own; a new format is one more entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from engine.text.harmony import HARMONY
 from engine.text.reasoning import ReasoningFormat
@@ -24,13 +25,20 @@ REASONING_FORMATS: dict[str, ReasoningFormat] = {
 _DETECTION_ORDER: tuple[ReasoningFormat, ...] = (THINK_TAGS, HARMONY)
 
 
-def reasoning_format_by_name(name: str) -> ReasoningFormat:
-    """The registered format called `name`; ValueError naming the known ones otherwise."""
+Format = TypeVar("Format")
+
+
+def format_by_name(formats: Mapping[str, Format], name: str, kind: str) -> Format:
+    """The format of `formats` called `name`; ValueError naming the known ones otherwise."""
     try:
-        return REASONING_FORMATS[name]
+        return formats[name]
     except KeyError:
-        known = ", ".join(sorted(REASONING_FORMATS))
-        raise ValueError(f"unknown reasoning format {name!r}; known formats: {known}") from None
+        known = ", ".join(sorted(formats))
+        raise ValueError(f"unknown {kind} {name!r}; known formats: {known}") from None
+
+
+def reasoning_format_by_name(name: str) -> ReasoningFormat:
+    return format_by_name(REASONING_FORMATS, name, "reasoning format")
 
 
 def detect_reasoning_format(render: Callable[[bool], str]) -> ReasoningFormat | None:

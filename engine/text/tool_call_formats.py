@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from engine.text.harmony import HARMONY_TOOL_CALLS
 from engine.text.json_tool_calls import LLAMA3_JSON
+from engine.text.reasoning_formats import format_by_name
 from engine.text.tagged_tool_calls import HERMES, QWEN3_CODER
 from engine.text.tool_calls import ToolCallFormat
 
@@ -23,12 +24,7 @@ _DETECTION_ORDER: tuple[ToolCallFormat, ...] = (HARMONY_TOOL_CALLS, QWEN3_CODER,
 
 
 def tool_call_format_by_name(name: str) -> ToolCallFormat:
-    """The registered format called `name`; ValueError naming the known ones otherwise."""
-    try:
-        return TOOL_CALL_FORMATS[name]
-    except KeyError:
-        known = ", ".join(sorted(TOOL_CALL_FORMATS))
-        raise ValueError(f"unknown tool-call format {name!r}; known formats: {known}") from None
+    return format_by_name(TOOL_CALL_FORMATS, name, "tool-call format")
 
 
 def detect_tool_call_format(render: Callable[[], str]) -> ToolCallFormat | None:
