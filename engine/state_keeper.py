@@ -66,14 +66,17 @@ class StateKeeper:
         return self.bm.prompt_block_hashes(seq)[end // self.bm.block_size - 1]
 
     def waits(self, seq: Sequence, promised: set[int], kept_soon: set[int]) -> bool:
-        """Whether `seq`'s prefix, through blocks cached or `promised`, reaches a state
-        that this step keeps (`kept_soon`) and none keeps yet: a step later, it is served."""
+        """Whether the deepest state that `seq`'s prefix reaches, through blocks cached or
+        `promised`, is one that this step keeps (`kept_soon`): a step later, it is served."""
+        wait = False
         for block_hash in self.bm.prompt_block_hashes(seq):
-            if block_hash in kept_soon and block_hash not in self.snapshots:
-                return True
             if not (self.bm.is_cached(block_hash) or block_hash in promised):
-                return False
-        return False
+                break
+            if block_hash in self.snapshots:
+                wait = False
+            elif block_hash in kept_soon:
+                wait = True
+        return wait
 
     def keep(self, seq: Sequence) -> tuple[int, int] | None:
         """After a step: the copy (its slot, a row) that keeps `seq`'s state, if the step

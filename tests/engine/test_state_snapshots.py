@@ -129,6 +129,20 @@ def test_prompts_arriving_together_part_and_the_third_waits_for_the_state_kept_t
                                    (kept_by_b, c.state_slot)]
 
 
+def test_a_prompt_that_reaches_a_deeper_kept_state_does_not_wait_for_a_shorter_one():
+    sched, first = hybrid_scheduler(), seq_of(PROMPT, "a")
+    sched.add(first)
+    run_prefill(sched, first)                  # a state at 12
+    sched.finish(first)
+    parting = seq_of(PROMPT[:8] + [7, 8, 9, 10, 11, 12], "b")   # keeps one at 8 this step
+    longer = seq_of(PROMPT[:12] + [5], "c")
+    sched.add(parting)
+    sched.add(longer)
+    batch = sched.schedule()
+    assert batch.seqs == [parting, longer] and batch.num_new_tokens == [8, 1]
+    assert longer.num_cached_tokens == 12
+
+
 def test_without_kept_states_a_hybrid_model_takes_nothing_from_the_prefix_cache():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100,
                       state_slots=StateSlotAllocator(LIVE))
