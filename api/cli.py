@@ -151,6 +151,9 @@ def _add_serve_parser(commands) -> None:
                        help="the format models write tool calls in, parsed out of chat "
                        "answers into tool_calls (default: detected from the chat template in "
                        "use; none detected: calls stay in the content)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM's command lines: tool_choice \"auto\" is "
+                       "always on here")
     serve.add_argument("--max-queued-requests", type=_positive_int, default=None,
                        help="answer 429 while this many requests already wait for the "
                        "engine (default: no limit)")

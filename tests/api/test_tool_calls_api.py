@@ -149,6 +149,12 @@ def test_harmony_calls_without_the_harmony_reasoning_format_are_a_400(engine) ->
     assert "harmony reasoning format" in resp.json["error"]["message"]
 
 
+def test_vllms_tool_flags_are_taken_as_vllm_spells_them() -> None:
+    args = build_parser().parse_args(["serve", "--enable-auto-tool-choice",
+                                      "--tool-call-parser", "hermes"])
+    assert args.tool_call_parser == "hermes"
+
+
 def test_an_unknown_tool_call_parser_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="known formats: hermes, llama3_json, openai, "
                                          "qwen3_coder"):
