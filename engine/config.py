@@ -95,6 +95,11 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def rotary_dim(self) -> int:
+        """The dims of a head that rope turns: all of them (Qwen3.5 turns a part)."""
+        return self.head_dim
+
+    @property
     def linear_attention(self) -> LinearAttentionSpec | None:
         """Hybrid families (Qwen3.5) override this; None: every layer is attention."""
         return None

@@ -1,12 +1,13 @@
 """What every family's model shares: tokens to hidden states around its layers, the
 logits, tied embeddings, and where a Hugging Face weight lands in a fused projection.
 
-A family subclasses `CausalLM`: its `__init__` builds `embed_tokens`, `layers` (each
-called as `layer(x, rope, cache, meta)` with its own cache), `norm`, `rotary` and
-`lm_head` (engine.layers' Embedding and Linear, which add the rows' adapters in a step
-that mixes checkpoints: `meta.lora`), it names its fused projections (`packed_modules`,
-`_shard_sizes`) and each layer's adaptable modules (`layer_lora_targets`). The loader
-and LoRA merging both go through `param_slice`.
+A family subclasses `CausalLM`, which builds `embed_tokens`, the `layers` that the
+family's `make_layer` makes (each called as `layer(x, rope, cache, meta)` with its own
+cache), the final norm (`norm_class`), `rotary` and `lm_head` (engine.layers' Embedding
+and Linear, which add the rows' adapters in a step that mixes checkpoints: `meta.lora`).
+The family names its fused projections (`packed_modules`, `_shard_sizes`) and each
+layer's adaptable modules (`layer_lora_targets`). The loader and LoRA merging both go
+through `param_slice`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from torch import nn
 
 from engine.config import LoraTarget, ModelConfig
 from engine.layers.attention import AttentionMetadata
+from engine.layers.embedding import Embedding
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
 from kernels.lora_mapping import LoraMapping
 
 
@@ -26,6 +31,22 @@ class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, int]] = {}
     # What Hugging Face puts in front of our parameter names.
     hf_prefix = re.compile(r"^model\.")
+    norm_class: type[nn.Module] = RMSNorm   # gpt-oss weighs in float32, Qwen3.5 zero-centred
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings,
+                                      cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def make_layer(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        """Decoder layer `layer`."""
+        raise NotImplementedError
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:

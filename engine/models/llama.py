@@ -13,10 +13,9 @@ from torch import nn
 from engine.config import LoraTarget, ModelConfig
 from engine.layers.activation import silu
 from engine.layers.attention import AttentionMetadata, paged_attention, store_kv
-from engine.layers.embedding import Embedding
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary_
+from engine.layers.rotary import apply_rotary_
 from engine.models.causal_lm import CausalLM
 from kernels.lora_mapping import LoraMapping
 
@@ -106,20 +105,10 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     config_class = ModelConfig
     packed_modules = PACKED_MODULES
-    norm_class = RMSNorm        # gpt-oss applies the norm's weight in float32
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.norm_class)
-            for i in range(cfg.num_layers))
-        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
-                                      cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
+    def make_layer(self, cfg: ModelConfig, layer: int) -> DecoderLayer:
+        return DecoderLayer(cfg, self.make_attention(cfg, layer), self.make_mlp(cfg, layer),
+                            self.norm_class)
 
     @staticmethod
     def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:

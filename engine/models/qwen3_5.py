@@ -19,12 +19,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.config import LinearAttentionSpec, LoraTarget, ModelConfig
-from engine.layers.embedding import Embedding
 from engine.layers.gated_attention import GatedAttention
-from engine.layers.linear import Linear
 from engine.layers.linear_attention import GatedDeltaNet
 from engine.layers.norm import ZeroCenteredRMSNorm
-from engine.layers.rotary import RotaryEmbedding
 from engine.models import llama
 from engine.models.causal_lm import CausalLM
 from engine.models.llama import MLP
@@ -116,17 +113,10 @@ class Qwen3_5ForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
     hf_prefix = re.compile(r"^model\.(language_model\.)?")    # text or vision-language layout
 
-    def __init__(self, cfg: Qwen3_5Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i))
-                                    for i in range(cfg.num_layers))
-        self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings,
-                                      cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
+    norm_class = ZeroCenteredRMSNorm
+
+    def make_layer(self, cfg: Qwen3_5Config, layer: int) -> DecoderLayer:
+        return DecoderLayer(cfg, layer, self.make_mlp(cfg, layer))
 
     @staticmethod
     def make_mlp(cfg: Qwen3_5Config, layer: int) -> nn.Module:
