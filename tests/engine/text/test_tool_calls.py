@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.sampling_params import SamplingParams
 from engine.text.json_tool_calls import LLAMA3_JSON
@@ -169,6 +171,30 @@ def test_calls_and_content_are_the_same_however_the_answer_is_streamed(name, fmt
                                                                       content, calls):
     for pieces in _cuttings(output):
         assert parse(fmt, pieces) == (content, calls)
+
+
+# Pieces of answers, markup and its near misses, that random answers are made of.
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool", "_call>", "</tool", "\n", " ", "a", "{",
+             "}", ";", '{"name": "f", "arguments": {"x": 1}}', '{"name": "g", "parameters": {}}',
+             "<function=f>", "<parameter=x>", "3", "</parameter>", "</function>", "é",
+             "<|python_tag|>"]
+
+
+# Whole calls in each format, so that random answers hold well-formed ones too.
+CALLS = [HERMES_CALL, '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+         "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n"
+         "</function>\n</tool_call>"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from([HERMES, QWEN3_CODER, LLAMA3_JSON]),
+       st.lists(st.sampled_from(FRAGMENTS + CALLS * 3), max_size=8),
+       st.lists(st.integers(0, 300), max_size=8))
+def test_any_answer_parses_the_same_however_it_is_cut(fmt, fragments, cuts):
+    answer = "".join(fragments)
+    points = sorted({min(cut, len(answer)) for cut in cuts})
+    pieces = [answer[a:b] for a, b in zip([0, *points], [*points, len(answer)])]
+    assert parse(fmt, pieces) == parse(fmt, [answer])
 
 
 def test_a_llama3_answer_that_does_not_open_with_a_brace_streams_as_content():
