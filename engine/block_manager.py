@@ -80,13 +80,11 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return 0
-        h, hits = checkpoint_seed(seq), []
-        tokens = seq.token_ids
-        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
-            chunk = tuple(tokens[start:start + self.block_size])
-            h = chain_hash(h, chunk)
+        bs, tokens, hits = self.block_size, seq.token_ids, []
+        for i, h in enumerate(self._block_hashes(seq)[:(len(tokens) - 1) // bs]):
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != chunk:
+            if block_id is None or self.blocks[block_id].token_ids != tuple(
+                    tokens[i * bs:(i + 1) * bs]):
                 break
             hits.append(block_id)
         while hits and not resumable(self.blocks[hits[-1]].hash):
@@ -103,10 +101,26 @@ class BlockManager:
         return self.blocks[seq.block_table[num_tokens // self.block_size - 1]].hash
 
     def prompt_block_hashes(self, seq: Sequence) -> list[int]:
-        """The chained hashes of the prompt's full blocks (what a prefix hit would match)."""
-        h, bs, hashes = checkpoint_seed(seq), self.block_size, []
-        for start in range(0, seq.num_prompt_tokens - bs + 1, bs):
-            h = chain_hash(h, tuple(seq.prompt_ids[start:start + bs]))
+        """The chained hashes of the prompt's full blocks (what a prefix hit would match),
+        computed once: a prompt never changes, and the scheduler asks every step."""
+        if seq.prompt_hashes is None:
+            seq.prompt_hashes = self._chain(checkpoint_seed(seq), seq.prompt_ids)
+        return seq.prompt_hashes
+
+    def _block_hashes(self, seq: Sequence) -> list[int]:
+        """The chained hashes of all of `seq`'s full blocks: its prompt's, then (when it is
+        recomputed after a preemption) its output's."""
+        hashes = self.prompt_block_hashes(seq)
+        if not seq.output_ids:
+            return hashes
+        rest = seq.token_ids[len(hashes) * self.block_size:]
+        return hashes + self._chain(hashes[-1] if hashes else checkpoint_seed(seq), rest)
+
+    def _chain(self, h: int, tokens: list[int]) -> list[int]:
+        """The hashes of `tokens`' full blocks, chained on from `h`."""
+        bs, hashes = self.block_size, []
+        for start in range(0, len(tokens) - bs + 1, bs):
+            h = chain_hash(h, tuple(tokens[start:start + bs]))
             hashes.append(h)
         return hashes
 

@@ -35,6 +35,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    prompt_hashes: list[int] | None = None   # its prompt's full blocks' chained hashes, once
     state_slot: int | None = None        # its row of the linear-attention state pool (hybrids)
     num_computed_tokens: int = 0         # tokens whose k/v are in the cache
     num_cached_tokens: int = 0           # prompt tokens the prefix cache served (first admission)

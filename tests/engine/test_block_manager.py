@@ -116,3 +116,17 @@ def test_a_checkpoint_saved_again_in_place_does_not_reuse_the_old_blocks():
     resaved = make_seq(range(9), checkpoint=ckpt)
     resaved.checkpoint_version = 2.0
     assert bm.allocate_cached_prefix(resaved) == 0
+
+
+def test_a_preempted_sequence_takes_back_the_blocks_of_its_prompt_and_its_output():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    seq = make_seq(range(6))
+    run_prefill(bm, seq)
+    seq.output_ids = [50, 51, 52, 53, 54]                 # decoded; all but the last computed
+    bm.append_slots(seq, 4)
+    seq.num_computed_tokens = 10
+    bm.cache_full_blocks(seq, 6)                           # block 1: prompt 4-5, output 50-51
+    table = list(seq.block_table)
+    bm.free_blocks(seq)
+    seq.reset_for_recompute()
+    assert bm.allocate_cached_prefix(seq) == 8 and seq.block_table == table[:2]
