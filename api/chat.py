@@ -17,7 +17,9 @@ With `tools` (and tool_choice "auto", their default), the calls that the answer 
 the template's tool-call format (the server's --tool-call-parser, else the one the
 template asks for) come out of `content` into `tool_calls`, and a choice that made any
 and then stopped finishes with "tool_calls"; streamed, each call is one delta, sent
-whole once its end is generated. Without a known format the calls stay in the content.
+whole once its end is generated. With `parallel_tool_calls=false` a choice keeps its
+first call only (the model is not stopped after it). Without a known format the calls
+stay in the content.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class _Chat:
         return self.fmt.chat(out.token_ids, out.logprobs, out.top_logprobs)
 
 
+    def _kept(self, calls: list[ToolCall], num_made: int) -> list[ToolCall]:
+        """Of a choice's new `calls`, after `num_made` before them, those it answers with."""
+        return calls if self.req.parallel_tool_calls else calls[:max(0, 1 - num_made)]
+
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": f"chatcmpl-{self.gen.id}", "object": obj, "created": self.gen.created,
                 "model": self.req.model, "choices": choices}
@@ -146,7 +152,7 @@ class _Chat:
             for choice, out in self.gen.outputs():
                 texts[choice.index][0] += out.reasoning
                 texts[choice.index][1] += out.content
-                calls[choice.index] += out.tool_calls
+                calls[choice.index] += self._kept(out.tool_calls, len(calls[choice.index]))
                 logprobs[choice.index] += self._logprobs(out)
         finally:
             self.gen.abort()
@@ -170,7 +176,7 @@ class _Chat:
             # Reasoning, content and each call released together go out as chunks of their
             # own, in that order, so that no chunk mixes them.
             deltas = [d for d in (_delta(reasoning=out.reasoning), _delta(content=out.content)) if d]
-            for call in out.tool_calls:
+            for call in self._kept(out.tool_calls, num_calls[choice.index]):
                 deltas.append({"tool_calls": [_tool_call(call, num_calls[choice.index])]})
                 num_calls[choice.index] += 1
             if out.finished and not deltas:

@@ -248,6 +248,7 @@ class ChatCompletionRequest(_GenerationRequest, ChatRendering):
     separate_reasoning: bool = True
     response_format: dict[str, Any] | None = None   # accepted; not enforced
     tool_choice: str | dict[str, Any] | None = None   # "auto" where tools are given
+    parallel_tool_calls: bool = True   # False: a choice's first call only, as vLLM does
 
     @property
     def parses_tool_calls(self) -> bool:

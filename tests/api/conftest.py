@@ -21,6 +21,8 @@ import openai
 import pytest
 import requests
 
+from engine.outputs import RequestOutput, RequestStream
+
 API_KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,3 +106,18 @@ def _wait_healthy(srv: Server, proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+class OneOutputEngine:
+    """An engine stand-in whose one request has already produced its one output."""
+
+    def __init__(self, out: RequestOutput) -> None:
+        self.out = out
+
+    def add_request(self, prompt_ids, params, *, num_samples, request_id, **_) -> list:
+        stream = RequestStream(self.out.request_id)
+        stream.put(self.out)
+        return [stream]
+
+    def abort(self, sample_id: str) -> None:
+        pass

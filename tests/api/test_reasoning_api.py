@@ -28,9 +28,9 @@ from api.generation import Generation
 from api.metrics import Metrics
 from api.protocol import ChatCompletionRequest
 from api.state import ServerConfig
-from engine import RequestOutput, RequestStream, SamplingParams
+from engine import RequestOutput, SamplingParams
 from scripts.make_demo_checkpoints import parse_args as demo_args
-from tests.api.conftest import API_KEY, MODEL, running_server
+from tests.api.conftest import API_KEY, MODEL, OneOutputEngine, running_server
 from tests.engine.checkpoints.helpers import save_peft_adapter
 from tests.engine.text.test_reasoning import R1_STYLE_TEMPLATE
 
@@ -264,21 +264,6 @@ def test_server_and_demo_script_share_the_default_checkpoint_root(monkeypatch, t
     assert Path(served) == tmp_path / "checkpoints"
 
 
-class _OneOutput:
-    """An engine stand-in whose one request has already produced its one output."""
-
-    def __init__(self, out: RequestOutput) -> None:
-        self.out = out
-
-    def add_request(self, prompt_ids, params, *, num_samples, request_id, **_) -> list:
-        stream = RequestStream(self.out.request_id)
-        stream.put(self.out)
-        return [stream]
-
-    def abort(self, sample_id: str) -> None:
-        pass
-
-
 def test_reasoning_and_content_released_together_go_out_as_two_chunks() -> None:
     req = ChatCompletionRequest.model_validate({
         "model": "m", "messages": QUESTION, "stream": True,
@@ -286,7 +271,7 @@ def test_reasoning_and_content_released_together_go_out_as_two_chunks() -> None:
     out = RequestOutput("r-0", token_ids=[1, 2, 3], text="So 12.</think>\n\n12.",
                         reasoning="So 12.", content="12.", reasoning_tokens=3,
                         finished=True, finish_reason="stop")
-    gen = Generation(_OneOutput(out), Metrics(), lambda: False)
+    gen = Generation(OneOutputEngine(out), Metrics(), lambda: False)
     gen.submit([[1]], SamplingParams(), 1, None)
     chunks = list(_Chat(req, gen, None).chunks())
     body = [c["choices"][0] for c in chunks[1:-1]]   # after the role chunk, before usage

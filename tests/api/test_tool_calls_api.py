@@ -18,10 +18,15 @@ import openai
 import pytest
 
 from api import create_app
+from api.chat import _Chat
 from api.cli import build_parser
+from api.generation import Generation
+from api.metrics import Metrics
+from api.protocol import ChatCompletionRequest
 from api.state import ServerConfig
-from engine import Engine
-from tests.api.conftest import API_KEY, running_server
+from engine import Engine, RequestOutput, SamplingParams
+from engine.text.tool_calls import ToolCall
+from tests.api.conftest import API_KEY, OneOutputEngine, running_server
 from tests.tiny_models import save_scripted_harmony_model
 
 CALL_HEADER = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
@@ -161,3 +166,24 @@ def test_an_unknown_tool_call_parser_is_refused_naming_the_known_ones() -> None:
         ServerConfig(tool_call_parser="mistral")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_with_parallel_tool_calls_false_a_choice_keeps_only_its_first_call(stream) -> None:
+    calls = [ToolCall("get_weather", ARGUMENTS), ToolCall("now", "{}")]
+    out = RequestOutput("r-0", token_ids=[1, 2], tool_calls=calls, finished=True,
+                        finish_reason="stop")
+    for parallel, names in ((True, ["get_weather", "now"]), (False, ["get_weather"])):
+        req = ChatCompletionRequest.model_validate({
+            "model": "m", "messages": QUESTION, "tools": TOOLS, "stream": stream,
+            "parallel_tool_calls": parallel})
+        gen = Generation(OneOutputEngine(out), Metrics(), lambda: False)
+        gen.submit([[1]], SamplingParams(), 1, None)
+        chat = _Chat(req, gen, None)
+        if stream:
+            sent = [call for chunk in chat.chunks()
+                    for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
+            assert [call["index"] for call in sent] == list(range(len(names)))
+        else:
+            sent = chat.response()["choices"][0]["message"]["tool_calls"]
+        assert [call["function"]["name"] for call in sent] == names
