@@ -119,8 +119,8 @@ class TaggedToolCalls:
                 if end < 0:
                     break
                 body, self._held = self._held[:end], self._held[end + len(CLOSE):]
-                self._in_call, self._after_call = False, True
                 call = self._fmt.parse_call(body, self._tools)
+                self._in_call, self._after_call = False, call is not None
                 if call is None:
                     released.append(OPEN + body + CLOSE)
                 else:
